@@ -2,6 +2,7 @@
 it through the results store, prints a short summary and optionally writes the record as JSON.
 
     perp eval  --model smollm2-135m --eval wiki-vital --seqlen 512 --windows 64 --json out.json
+    perp prune --model smollm2-135m --method wanda --sparsity 2:4 --nsamples 128 --save pruned/ --json out.json
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.windows,
         help="evaluate the first K non-overlapping windows; 0 = all of them",
     )
+    g.add_argument("--zero-shot", dest="zero_shot", default=DEFAULTS.zero_shot, metavar="TASKS",
+                   help="also measure zero-shot accuracy with lm-evaluation-harness: comma-separated task names, or "
+                        "'paper' for BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA (needs the hub)")  # fmt: skip
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for sampling and training")
 
 
@@ -84,6 +88,8 @@ def execute(config: RunConfig, args: argparse.Namespace, save: str | None = None
 def summarize(record: dict[str, Any]) -> None:
     m, t = record["metrics"], record.get("timings", {})
     parts = [f"perplexity {m['perplexity']:.3f} over {m['tokens']} tokens ({m['windows']} windows)"]
+    if m.get("zero_shot_mean") is not None:
+        parts.append(f"zero-shot mean accuracy {m['zero_shot_mean']:.4f}")
     if m.get("sparsity") is not None:
         parts.append(f"sparsity {m['sparsity']:.4f}")
     if m.get("trainable_share") is not None:
@@ -96,6 +102,106 @@ def summarize(record: dict[str, Any]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     execute(config_from_args(args, prune="none", retrain="none"), args)
+
+
+# --- perp prune (issue 3): prune -> evaluate -> record, optionally save the pruned checkpoint -------
+
+
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    from .config import PRUNE_SCOPES
+    from .pruning import METHODS
+
+    g = p.add_argument_group("pruning (Sections 2.3, 3.3)")
+    g.add_argument("--method", dest="prune", required=True, choices=METHODS,
+                   help="criterion: magnitude (no data), wanda (|W|*||X||), sparsegpt (OBS solve + weight update)")  # fmt: skip
+    g.add_argument("--sparsity", default=DEFAULTS.sparsity,
+                   help="unstructured ratio in [0, 1) (0.5, 50%%) or N:M, N of every M inputs zeroed (2:4, 4:8)")  # fmt: skip
+    g.add_argument("--scope", default=DEFAULTS.scope, choices=PRUNE_SCOPES,
+                   help="compare scores per output row or per matrix; auto: Wanda per row, the others per matrix")  # fmt: skip
+    g.add_argument("--calib", default=DEFAULTS.calib,
+                   help="calibration text for wanda/sparsegpt: wiki-vital (embedded), c4, wikitext2 or a text file")  # fmt: skip
+    g.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples, help="calibration windows of --seqlen tokens")
+    g.add_argument("--save", metavar="DIR", help="write the pruned model as a Hugging Face checkpoint (safetensors)")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    record = execute(config_from_args(args, retrain="none"), args, save=args.save)
+    report = record.get("prune") or {}
+    if report.get("layers"):
+        layers = report["layers"].values()
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
+        print(f"pruned {report['method']} {report['target']} ({report['scope']}): {len(layers)} layers, "
+              f"sparsity {min(layers):.4f}-{max(layers):.4f} per layer; {phases}")  # fmt: skip
+    if args.save:
+        print(f"saved the pruned model to {args.save}")
+
+
+# --- perp run (issue 4): prune -> retrain -> evaluate -> record, LLM or vision ----------------------
+
+
+def add_run_llm_args(p: argparse.ArgumentParser) -> None:
+    """The LLM pruning and retraining options of ``perp run``. Defaults are None so RunConfig's own
+    defaults apply and options shared with the vision track (added after these) stay unambiguous."""
+    from .config import HEAD_MODES, LORA_KINDS, PRUNE_METHODS, PRUNE_SCOPES, RETRAIN_GROUPS, RETRAIN_PRESETS
+
+    g = p.add_argument_group("pruning (LLMs)")
+    g.add_argument("--prune", help=f"criterion: {', '.join(PRUNE_METHODS)} (default {DEFAULTS.prune})")
+    g.add_argument("--sparsity", help=f"ratio in [0, 1) or N:M, e.g. 0.5, 50%%, 2:4 (default {DEFAULTS.sparsity})")
+    g.add_argument("--scope", choices=PRUNE_SCOPES, help="compare scores per output row or per matrix (default auto)")
+    g.add_argument(
+        "--calib", help=f"calibration text: wiki-vital, c4, wikitext2 or a text file (default {DEFAULTS.calib})"
+    )
+    g.add_argument("--nsamples", type=int, help=f"calibration windows (default {DEFAULTS.nsamples})")
+    g = p.add_argument_group("retraining (LLMs; Sections 3.1-3.2)")
+    g.add_argument("--retrain", help=f"preset {', '.join(RETRAIN_PRESETS)} or '+'-joined groups from "
+                                     f"{', '.join(RETRAIN_GROUPS)} (e.g. norms+lora); none evaluates the pruned model")  # fmt: skip
+    g.add_argument("--lora", choices=LORA_KINDS,
+                   help="masked: update M*(sBA), merged at the end keeping every zero (default); plain: peft LoRA kept "
+                        "unmerged, saved as an adapter beside the sparse base")  # fmt: skip
+    g.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {DEFAULTS.lora_rank})")
+    g.add_argument("--lora-alpha", type=float, help=f"LoRA alpha, scale alpha/rank (default {DEFAULTS.lora_alpha:g})")
+    g.add_argument("--head", choices=HEAD_MODES, help="the head group trains through LoRA (default) or fully")
+    g.add_argument("--steps", type=int, help="optimizer steps of retraining (needed unless --retrain none)")
+    g.add_argument(
+        "--lr", type=float, help=f"initial learning rate, AdamW, 10%% warmup, linear decay (default {DEFAULTS.lr:g})"
+    )
+    g.add_argument("--batch-size", type=int, help=f"micro-batch in sequences (default {DEFAULTS.batch_size})")
+    g.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {DEFAULTS.grad_accum})")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup", type=float, help="fraction of steps of linear warmup (default 0.1)")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute activations in backward")
+    g.add_argument("--train", help=f"training text: wiki-vital, c4 or a text file (default {DEFAULTS.train})")
+    g.add_argument("--eval-every", type=int, help="also track held-out perplexity every K steps (Figure 3)")
+    g.add_argument("--save", metavar="DIR",
+                   help="write the final model as a Hugging Face checkpoint (plain LoRA: adapter in DIR/adapter)")  # fmt: skip
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .vision.cli import is_vision_model, run_from_args
+
+    vision = bool(args.model) and is_vision_model(args.model)
+    given = {d for d, v in vars(args).items() if v is not None and d not in ("func", "command")}
+    foreign = sorted(given & (args.llm_only if vision else args.vision_only))
+    if foreign:
+        track = "LLMs" if vision else "vision models"
+        raise ValueError(
+            f"options {['--' + d.replace('_', '-') for d in foreign]} apply to {track} only, not to {args.model or DEFAULTS.model!r}"
+        )
+    if vision:
+        run_from_args(args)
+        return
+    config = config_from_args(args)
+    if config.retrain != "none" and config.steps == 0:
+        raise ValueError(
+            f"--retrain {config.retrain} needs --steps N > 0 (or --retrain none to evaluate the pruned model)"
+        )
+    record = execute(config, args, save=args.save)
+    m = record["metrics"]
+    if "sparsity_merged" in m:
+        kind = f"{m['lora_kind']} LoRA" if m.get("lora_kind") else "no LoRA"
+        print(f"retrained {config.retrain} ({kind}, {config.steps} steps): sparsity of the prunable layers "
+              f"{m['sparsity_before']:.4f} before, {m['sparsity_trained']:.4f} after training, "
+              f"{m['sparsity_merged']:.4f} after merging")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +217,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prune", help="prune an LLM (magnitude, Wanda, SparseGPT) and evaluate it",
+                       description="Prune every linear layer of the decoder blocks, evaluate the perplexity and record "
+                                   "the run (configuration, perplexity, sparsity per layer, timings).")  # fmt: skip
+    add_model_args(p)
+    add_eval_args(p)
+    add_prune_args(p)
+    add_output_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("run", help="prune, retrain and evaluate an LLM or a vision model",
+                       description="Prune a model, retrain it (parameter-efficiently), evaluate it and record the run. "
+                                   "An LLM unless --model names a vision model.")  # fmt: skip
+    add_model_args(p)
+    add_eval_args(p)
+    add_run_llm_args(p)
+    add_output_args(p)
+    for action in p._actions:  # LLM defaults come from RunConfig; None marks an option as not given
+        if action.dest not in ("help", "device"):
+            action.default = None
+    llm = {a.dest for a in p._actions}
+    from .vision.cli import add_vision_args
+
+    add_vision_args(p)
+    p.set_defaults(
+        func=cmd_run,
+        llm_only=llm - {a.dest for a in add_vision_parser()._actions} - {"help", "device"},
+        vision_only={a.dest for a in p._actions} - llm,
+    )
     return parser
+
+
+def add_vision_parser() -> argparse.ArgumentParser:
+    from .vision.cli import build_parser as vision_parser
+
+    return vision_parser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,10 +83,12 @@ class RunConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    eval_every: int = field(default=0, metadata={"help": "held-out perplexity every K retraining steps (Figure 3)"})
     train: str = field(default="wiki-vital", metadata={"help": "training text source"})
     # evaluation
     eval: str = field(default="wiki-vital", metadata={"help": "evaluation text source"})
     windows: int | None = field(default=64, metadata={"help": "first K eval windows (None: all)"})
+    zero_shot: str = field(default="", metadata={"help": "comma-separated lm-eval tasks ('paper': Table 11's seven)"})
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -100,6 +102,7 @@ class RunConfig:
         for name in ("nsamples", "seqlen", "batch_size", "grad_accum", "lora_rank"):
             _positive(name, getattr(self, name))
         _positive("steps", self.steps, allow_zero=True)
+        _positive("eval_every", self.eval_every, allow_zero=True)
         if self.windows is not None:
             _positive("windows", self.windows)
         retrain_groups(self.retrain)
@@ -107,6 +110,14 @@ class RunConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not (0 <= self.warmup < 1):
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+
+    @property
+    def zero_shot_tasks(self) -> tuple[str, ...]:
+        from .evaluation import ZERO_SHOT_TASKS
+
+        if self.zero_shot.strip() == "paper":
+            return ZERO_SHOT_TASKS
+        return tuple(t.strip() for t in self.zero_shot.split(",") if t.strip())
 
     @property
     def groups(self) -> tuple[str, ...]:

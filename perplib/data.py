@@ -91,10 +91,20 @@ def _joiner(source: str) -> str:
     return " " if source == "c4" else "\n\n"  # as the reference code joins C4 validation text
 
 
-@functools.lru_cache(maxsize=8)
 def _stream(tokenizer, source: str, split: str) -> torch.Tensor:
-    text = _joiner(source).join(_documents(check_source(source), split))
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    # keyed by what the tokenizer is, not by the object: every run of a grid loads a fresh tokenizer
+    # of the same model, and tokenizing the training split takes ~15 s on a laptop
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None) or id(tokenizer), len(tokenizer),
+           source, split)  # fmt: skip
+    if key not in _STREAMS:
+        if len(_STREAMS) >= 8:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        text = _joiner(source).join(_documents(check_source(source), split))
+        _STREAMS[key] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return _STREAMS[key]
+
+
+_STREAMS: dict[tuple, torch.Tensor] = {}
 
 
 def eval_ids(tokenizer, source: str) -> torch.Tensor:

@@ -57,16 +57,35 @@ def perplexity(
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
-def zero_shot(model, tokenizer, tasks: tuple[str, ...] = ZERO_SHOT_TASKS, batch_size: int = 8, limit=None) -> dict:
-    """Zero-shot accuracy with lm-evaluation-harness on an in-memory model (the seven tasks of
-    Table 11 by default; their datasets come from the Hugging Face hub). Returns per-task
-    accuracy and their mean."""
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: tuple[str, ...] | list[str] = ZERO_SHOT_TASKS,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    include_path: str | None = None,
+    include_defaults: bool = True,
+) -> dict:
+    """Zero-shot accuracy with EleutherAI's lm-evaluation-harness on an in-memory model, as in
+    Table 11 (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA by default; their data
+    comes from the Hugging Face hub). ``include_path`` adds a folder of local task YAML files;
+    ``include_defaults=False`` skips indexing lm-eval's own tasks (much faster for local ones).
+    Returns per-task accuracy and their mean."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ImportError("zero-shot evaluation needs lm-eval: pip install lm-eval") from e
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks must name at least one lm-eval task")
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; e.g. {list(ZERO_SHOT_TASKS)}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
-    acc = {t: float(out["results"][t].get("acc,none", float("nan"))) for t in tasks}
+    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
+    acc = {t: float(out["results"][t]["acc,none"]) for t in tasks}
     return {"zero_shot": acc, "zero_shot_mean": sum(acc.values()) / len(acc)}

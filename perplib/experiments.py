@@ -82,23 +82,36 @@ def _execute(config: RunConfig, device: torch.device, save: str | None) -> dict[
     if config.retrain != "none" and config.steps > 0:
         from .retrain import retrain_
 
+        model.to(device)
         t0 = time.perf_counter()
-        out["retrain"] = retrain_(model, tokenizer, config, device=device, eval_ids=ids)
+        # the final perplexity is measured below, on the deployed (merged) model; history gets it then
+        retrained = retrain_(model, tokenizer, config, eval_ids=ids, eval_every=config.eval_every, evaluate_last=False)
         timings["retrain_s"] = time.perf_counter() - t0
+        timings.update({k: v for k, v in retrained["timings"].items() if k != "retrain_s"})
+        out["retrain"] = retrained["metrics"]
+        out["history"] = retrained["history"]
 
     model.to(device)
     t0 = time.perf_counter()
     metrics = evaluation.perplexity(model, ids, config.seqlen, config.windows)
     timings["eval_s"] = time.perf_counter() - t0
+    if config.zero_shot_tasks:
+        t0 = time.perf_counter()
+        metrics.update(evaluation.zero_shot(model, tokenizer, config.zero_shot_tasks))
+        timings["zero_shot_s"] = time.perf_counter() - t0
     if "prune" in out:
         metrics["sparsity"] = out["prune"].get("sparsity")
-    for key in ("trainable_share", "sparsity_after_training", "sparsity_after_merge"):
+    if config.eval_every and out.get("history"):
+        out["history"][-1]["perplexity"] = metrics["perplexity"]
+    for key in ("lora_kind", "trainable_params", "trainable_share", "sparsity_before", "sparsity_trained",
+                "sparsity_merged", "train_loss", "train_tokens_per_s"):  # fmt: skip
         if key in out.get("retrain", {}):
             metrics[key] = out["retrain"][key]
     if save:
-        from .pruning import save_pruned  # retraining with LoRA: merged / adapter-beside-base, see retrain.py
+        # masked LoRA is merged by now (a plain sparse checkpoint); plain LoRA: sparse base + peft adapter
+        from .lora import save_pretrained
 
-        save_pruned(model, tokenizer, save)
+        save_pretrained(model, save, tokenizer)
         out["saved_to"] = str(save)
     return {"metrics": metrics, "timings": timings, **out}
 

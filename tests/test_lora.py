@@ -1,0 +1,231 @@
+"""LoRA on pruned layers: exact oracles on tiny tensors, invariants on tiny random LLaMA / OPT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from perplib import lora
+from perplib.adapters import adapter_for
+from perplib.models import tiny_model
+
+FAMILIES = ("llama", "opt")
+KINDS = ("masked", "plain")
+
+
+def magnitude_prune_(model: nn.Module, ratio: float = 0.5) -> None:
+    """Zero the smallest weights of every prunable layer (test helper, independent of perplib.pruning)."""
+    for module in adapter_for(model).prunable(model).values():
+        w = module.weight.data
+        k = int(ratio * w.numel())
+        w.view(-1)[w.abs().view(-1).argsort()[:k]] = 0.0
+
+
+def pruned(family: str, ratio: float = 0.5) -> nn.Module:
+    model = tiny_model(family)
+    magnitude_prune_(model, ratio)
+    return model
+
+
+def targets(model: nn.Module, head: bool = True) -> list[str]:
+    names = list(adapter_for(model).prunable(model))
+    return names + (["lm_head"] if head else [])
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+# --- the math ---------------------------------------------------------------------------------
+
+
+def test_spec_validates_with_messages():
+    with pytest.raises(ValueError, match="LoRA kind must be one of"):
+        lora.LoraSpec(kind="dense")
+    with pytest.raises(ValueError, match="rank must be an integer >= 1, got 0"):
+        lora.LoraSpec(rank=0)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        lora.LoraSpec(alpha=0)
+    with pytest.raises(ValueError, match="masked LoRA .* dropout"):
+        lora.LoraSpec(kind="masked", dropout=0.1)
+    assert lora.LoraSpec(rank=8, alpha=32).scaling == 4.0
+    peft_config = lora.LoraSpec(kind="plain", rank=4, alpha=8).to_peft(["b", "a"])
+    assert peft_config.r == 4 and peft_config.lora_alpha == 8 and sorted(peft_config.target_modules) == ["a", "b"]
+
+
+def test_masked_delta_oracle():
+    a = torch.tensor([[1.0, 2.0, 0.0]])  # r=1, in=3
+    b = torch.tensor([[1.0], [-1.0]])  # out=2
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    expected = torch.tensor([[2.0, 0.0, 0.0], [0.0, -4.0, 0.0]])
+    assert torch.equal(lora.masked_delta(a, b, mask, 2.0), expected)
+    assert torch.equal(lora.masked_delta(a, b, None, 1.0), b @ a)
+
+
+def test_masked_function_matches_dense_autograd():
+    """Forward and every gradient of the custom backward equal autograd of x(W + M⊙sBA)ᵀ + b."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 7, generator=g) > 0.5
+    w = w * mask
+    a0, b0 = torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    bias0 = torch.randn(5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 4, 7, generator=g, dtype=torch.float64)
+    upstream = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        x, a, b, bias = (t.clone().requires_grad_() for t in (x0, a0, b0, bias0))
+        out = fn(x, a, b, bias)
+        out.backward(upstream)
+        return out.detach(), x.grad, a.grad, b.grad, bias.grad
+
+    ours = run(lambda x, a, b, bias: lora.masked_lora_linear(x, w, bias, a, b, mask, 1.5))
+    ref = run(lambda x, a, b, bias: x @ (w + mask * (1.5 * b @ a)).t() + bias)
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    # the masked entries of the effective weight get no update: dA, dB see only M ⊙ (gᵀx)
+    gw = upstream.reshape(-1, 5).t() @ x0.reshape(-1, 7)
+    torch.testing.assert_close(ours[3], 1.5 * (gw * mask) @ a0.t())
+
+
+# --- layers on tiny models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_layers_are_peft_layers_with_masks(family):
+    model = pruned(family)
+    names = targets(model)
+    layers = lora.add_lora_(model, lora.LoraSpec(kind="masked", rank=2, alpha=4), names, unmasked=["lm_head"])
+    assert set(layers) == set(names)
+    for name, layer in layers.items():
+        assert isinstance(layer, lora.MaskedLoraLinear) and isinstance(layer, lora.LoraLayer)
+        if name == "lm_head":
+            assert layer.lora_mask is None  # dense head: peft's own forward
+        else:
+            assert torch.equal(layer.lora_mask, layer.base_layer.weight != 0)
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # B = 0: starts at the pruned model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_init_keeps_outputs(family):
+    model = pruned(family)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    lora.add_lora_(model, lora.LoraSpec(kind="masked", rank=2), targets(model))
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_matches_unmerged_and_keeps_zeros(family, kind):
+    model = pruned(family)
+    zeros = {n: m.weight == 0 for n, m in adapter_for(model).prunable(model).items()}
+    torch.manual_seed(0)
+    layers = lora.add_lora_(
+        model, lora.LoraSpec(kind=kind, rank=3, alpha=6, init="random"), targets(model), unmasked=["lm_head"]
+    )
+    assert all(torch.count_nonzero(m.lora_B["default"].weight) > 0 for m in layers.values())
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+    assert not torch.allclose(unmerged, pruned(family)(IDS).logits, atol=1e-3)  # the adapters act
+    if kind == "plain":
+        with pytest.raises(ValueError, match="would fill the zeros"):
+            lora.merge_(model)
+    merged_names = lora.merge_(model, allow_dense=kind == "plain")
+    assert set(merged_names) == set(layers) and not lora.lora_layers(model)
+    with torch.no_grad():
+        merged = model(IDS).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # tied head was untied first
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    for name, module in adapter_for(model).prunable(model).items():
+        assert type(module) is nn.Linear
+        if kind == "masked":
+            assert torch.equal(module.weight == 0, zeros[name]), name  # exactly the same zeros
+        else:
+            assert int((module.weight == 0).sum()) < int(zeros[name].sum())  # plain merge densifies
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unmerge_restores_the_base(kind):
+    model = pruned("llama")
+    torch.manual_seed(0)
+    layers = lora.add_lora_(model, lora.LoraSpec(kind=kind, rank=2, init="random"), targets(model, head=False))
+    layer = layers["model.layers.0.mlp.up_proj"]
+    before = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert not torch.equal(layer.base_layer.weight, before)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, before)
+    if kind == "masked":
+        assert torch.equal(layer.base_layer.weight == 0, before == 0)
+
+
+def test_lora_parameter_count_by_hand():
+    model = pruned("llama")
+    lora.add_lora_(model, lora.LoraSpec(rank=4), targets(model))
+    # per block: q 64->64, k 64->32, v 64->32, o 64->64, gate/up 64->128, down 128->64
+    per_block = 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert lora.lora_parameter_count(model) == 2 * per_block + 4 * (64 + 128)
+    assert lora.lora_parameter_count(model, ["lm_head"]) == 4 * (64 + 128)
+
+
+def test_add_lora_rejects_bad_targets():
+    model = pruned("llama")
+    with pytest.raises(ValueError, match="must name nn.Linear"):
+        lora.add_lora_(model, lora.LoraSpec(), ["model.norm"])
+    with pytest.raises(ValueError, match="unmasked layers must be among the targets"):
+        lora.add_lora_(model, lora.LoraSpec(), ["lm_head"], unmasked=["model.layers.0.mlp.up_proj"])
+    lora.add_lora_(model, lora.LoraSpec(), ["lm_head"])
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        lora.add_lora_(model, lora.LoraSpec(), ["lm_head"])
+
+
+# --- saving -------------------------------------------------------------------------------------
+
+
+def test_save_masked_merged_is_a_plain_sparse_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = pruned("opt")
+    torch.manual_seed(0)
+    lora.add_lora_(model, lora.LoraSpec(kind="masked", rank=2, init="random"), targets(model))
+    with pytest.raises(ValueError, match="call merge_\\(\\) first"):
+        lora.save_pretrained(model, tmp_path / "unmerged")
+    lora.merge_(model)
+    written = lora.save_pretrained(model, tmp_path / "m")
+    assert "adapter" not in written and not (tmp_path / "m" / "adapter").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert not any("lora" in k or "base_layer" in k for k in loaded.state_dict())
+    for (name, mine), theirs in zip(
+        adapter_for(model).prunable(model).items(), adapter_for(loaded).prunable(loaded).values(), strict=True
+    ):
+        assert torch.equal(mine.weight, theirs.weight), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_save_plain_writes_sparse_base_and_peft_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = pruned("llama")
+    zeros = sum(int((m.weight == 0).sum()) for m in adapter_for(model).prunable(model).values())
+    torch.manual_seed(0)
+    names = targets(model)
+    lora.add_lora_(model, lora.LoraSpec(kind="plain", rank=2, init="random"), names)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    written = lora.save_pretrained(model, tmp_path / "p")
+    assert set(json.loads((written["adapter"] / "adapter_config.json").read_text())["target_modules"]) == set(names)
+    assert lora.lora_layers(model)  # the live model keeps its adapters
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    assert not any("lora" in k or "base_layer" in k for k in base.state_dict())
+    assert sum(int((m.weight == 0).sum()) for m in adapter_for(base).prunable(base).values()) == zeros
+    restored = PeftModel.from_pretrained(base, written["adapter"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(IDS).logits, expected)
