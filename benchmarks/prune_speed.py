@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,52 +24,8 @@ import torch
 
 from perplib import data, evaluation, models
 from perplib.adapters import adapter_for
+from perplib.profiling import PeakMemory
 from perplib.pruning import METHODS, prune_
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int:
-    """Current resident set size (Linux /proc), else the lifetime maximum from getrusage."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakMemory:
-    """Peak memory inside a ``with`` block: sampled RSS on the CPU, the allocator's peak on CUDA."""
-
-    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
-        self.device, self.interval = device, interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.start = self.peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
 
 
 def forward_seconds(model, calib: torch.Tensor, batch_size: int, device: torch.device) -> float:

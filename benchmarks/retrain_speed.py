@@ -26,10 +26,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import torch
+
+from perplib.profiling import PeakMemory
 
 METHODS = {  # name -> (parameter groups, LoRA kind)
     "full": (("full",), None),
@@ -37,46 +37,6 @@ METHODS = {  # name -> (parameter groups, LoRA kind)
     "perp-masked": (("biases", "norms", "head", "lora"), "masked"),
     "norms": (("norms",), None),
 }
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class PeakMemory:
-    """Peak memory inside a ``with`` block: sampled RSS on the CPU, the allocator's peak on CUDA."""
-
-    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
-        self.device, self.interval = device, interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.start = self.peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
 
 
 def release_freed_memory() -> None:
@@ -117,7 +77,7 @@ def measure(job: dict) -> dict:
         grad_checkpointing=job["checkpointing"],
     )  # fmt: skip
     release_freed_memory()  # loading and pruning leave freed heap in the RSS; measure from a clean start
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, interval=0.002) as mem:
         result = train_(model, windows, settings, masks=marked.masks, progress=False)
     timed = result["history"][job["warmup_steps"] :]
     step_s = sorted(job["batch"] * job["seqlen"] / h["tokens_per_s"] for h in timed)

@@ -25,10 +25,11 @@ def measure(args: dict, method: str, queue) -> None:
     import torch
 
     from perplib.lora import LoraSpec
+    from perplib.profiling import PeakMemory
     from perplib.vision.data import load_vision_data
     from perplib.vision.models import build_model
     from perplib.vision.pruning import prune_
-    from perplib.vision.retrain import PeakMemory, base_parameter_count, prepare_, recalibrate_bn_, train_epochs_
+    from perplib.vision.retrain import base_parameter_count, prepare_, recalibrate_bn_, train_epochs_
 
     torch.set_num_threads(args["threads"] or torch.get_num_threads())
     data = load_vision_data(

@@ -18,8 +18,6 @@ BatchNorm statistics are updated by every trained method.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from ..lora import LoraSpec
+from ..profiling import PeakMemory
 from .lora import MaskedLoRAConv, add_conv_lora_
 from .models import has_batchnorm, head_name
 from .pruning import apply_masks_, prunable_weights
@@ -139,46 +138,6 @@ def prepare_(model: nn.Module, method: str, lora: LoraSpec | None = None) -> int
     if method == "perp":
         add_conv_lora_(model, lora or LoraSpec(rank=8, alpha=8.0), exclude=(head_name(model),))
     return mark_trainable_(model, trainable_names(model, method))
-
-
-class PeakMemory:
-    """Peak memory of a code region: CUDA's peak allocation on a GPU, else the peak resident set
-    size above the starting value, sampled every ``interval`` seconds (CPU; a lower bound)."""
-
-    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005) -> None:
-        self.device, self.interval, self.peak_mb = torch.device(device), interval, 0.0
-
-    @staticmethod
-    def _rss() -> int:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        self._start = self._peak = self._rss()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(self.interval):
-                self._peak = max(self._peak, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._rss())
-        self.peak_mb = (self._peak - self._start) / 2**20
 
 
 def train_epochs_(
