@@ -289,12 +289,12 @@ def save_pruned(
 ) -> Path:
     """Write the pruned model as a plain Hugging Face checkpoint (safetensors) that
     ``AutoModelForCausalLM.from_pretrained`` loads back with the same zeros; the tokenizer and,
-    when given, the prune report (``perplib_prune.json``) go alongside."""
+    when given, the prune report (``perplib_prune.json``) go alongside. The checkpoint itself is
+    written by :func:`perplib.lora.save_pretrained`, the one writer ``perp prune/run --save`` use."""
+    from .lora import save_pretrained
+
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    save_pretrained(model, out, tokenizer)
     if report is not None:
         (out / "perplib_prune.json").write_text(json.dumps(report.as_dict(), indent=1))
     return out
