@@ -127,9 +127,13 @@ def run_llm(
 
     ``save`` writes the final model as a Hugging Face checkpoint (this always recomputes, since a
     stored record holds no weights)."""
+    from .retrain import check_half_precision
+
     validate(config)
+    device = resolve_device(device)
+    check_half_precision(config.dtype, device)
     store = store if store is not None else ResultStore()
-    return store.run(KIND, config, lambda: _execute(config, resolve_device(device), save), force=save is not None)
+    return store.run(KIND, config, lambda: _execute(config, device, save), force=save is not None)
 
 
 def describe(config: RunConfig, base: RunConfig | None = None) -> str:

@@ -236,6 +236,11 @@ def add_lora_(
     for name, layer in layers.items():
         if isinstance(layer, MaskedLoraLinear):
             layer.set_mask_(dense=name in unmasked)
+        # adapters of a half-precision model are kept in fp32, as peft's get_peft_model does: they are
+        # what trains, they are tiny, and the merge then folds an unrounded update into the weight
+        for pname, p in layer.named_parameters():
+            if "lora_" in pname and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()
     model.perp_lora_spec = spec
     return layers
 

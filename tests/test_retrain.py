@@ -4,6 +4,7 @@ exactly the parameters it names (hand counts), leaves the rest bit-identical, an
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -249,12 +250,90 @@ def test_nonfinite_loss_stops_without_a_record(tmp_path):
     assert store.get("llm", cfg) is None and not store.records()
 
 
-def test_half_precision_model_trains_fp32_parameters():
+# --- bf16: every preset runs, merges, keeps every zero and evaluates -------------------------------
+
+BF16_CASES = [  # (retrain, head, LoRA kind): every preset, both head modes, both LoRA kinds, joined groups
+    ("none", "lora", "masked"),
+    ("biases", "lora", "masked"),
+    ("ln", "lora", "masked"),
+    ("linear-probing", "lora", "masked"),
+    ("linear-probing", "full", "masked"),
+    ("perp", "lora", "masked"),
+    ("perp", "lora", "plain"),
+    ("perp", "full", "masked"),
+    ("full", "lora", "masked"),
+    ("norms+lora", "lora", "masked"),
+    ("head+lora", "lora", "plain"),
+    ("biases+head", "full", "masked"),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("method", "head", "kind"), BF16_CASES, ids=lambda v: v)
+def test_bfloat16_every_preset(family, method, head, kind):
+    from perplib.evaluation import perplexity
+
+    model = pruned(family).to(torch.bfloat16)
+    zeros = {n: m.weight == 0 for n, m in retrain.prunable_linears(model).items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}  # tied head too
+    cfg = config(model=f"tiny-{family}", retrain=method, head=head, lora=kind, dtype="bfloat16", steps=2)
+    eval_ids = windows(1, 64, seed=3).view(-1)
+    out = retrain.retrain_(model, None, cfg, windows=windows(), eval_ids=eval_ids, eval_every=1, progress=False)
+
+    tracked = [h["perplexity"] for h in out["history"] if "perplexity" in h]
+    assert len(tracked) == (1 if method == "none" or out["metrics"]["trainable_params"] == 0 else 3)
+    assert all(math.isfinite(v) and v > 1 for v in tracked)
+    for name, module in retrain.prunable_linears(model).items():  # every zero kept, through the merge
+        assert bool((module.weight[zeros[name]] == 0).all()), name
+    adapters = lora.lora_layers(model)
+    uses_lora = retrain.uses_lora(cfg)
+    assert bool(adapters) == (uses_lora and kind == "plain")  # masked LoRA is merged, plain stays
+    assert out["metrics"]["sparsity_before"] == 0.5
+    assert (out["metrics"]["sparsity_merged"] == 0.5) == (not adapters)
+    # the model leaves training as it entered: bf16 weights; plain LoRA adapters kept in fp32 (as peft)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed += [n for n, p in model.named_parameters() if "lora_B" in n and bool(p.count_nonzero())]  # unmerged
+    assert bool(changed) == (out["metrics"]["trainable_params"] > 0), changed
+    final = perplexity(model, eval_ids, cfg.seqlen, windows=cfg.windows)["perplexity"]
+    assert math.isfinite(final) and final == pytest.approx(tracked[-1], rel=0.02)
+
+
+def test_half_precision_parameters_train_in_fp32_and_return_to_bf16():
     model = pruned("llama").to(torch.bfloat16)
-    out = retrain.retrain_(model, None, config(lora="masked"), windows=windows(), progress=False)
-    assert out["metrics"]["sparsity_merged"] == 0.5
-    assert model.model.norm.weight.dtype == torch.float32  # trained in fp32 under autocast
-    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    retrain.mark_trainable_(model, ("norms", "lora"), lora=lora.LoraSpec(rank=RANK, alpha=8))
+    norm, seen = model.model.norm.weight, []
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.register_forward_pre_hook(lambda *_: seen.append((norm.dtype, layer.lora_A["default"].weight.dtype)))
+    retrain.train_(model, windows(), SETTINGS, progress=False)
+    assert set(seen) == {(torch.float32, torch.float32)}  # fp32 master copies while training
+    assert norm.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    # updates far below bf16's resolution accumulate in the fp32 copy: 3 steps of lr 1e-6 on weights
+    # near 1 (bf16 step there: 2^-7) would each round away; the fp32 master copy is exact to 1e-7
+    model = pruned("llama").to(torch.bfloat16)
+    retrain.mark_trainable_(model, ("norms",))
+    weight = model.model.norm.weight
+    start = weight.detach().float().clone()
+    masters = []
+    model.model.norm.register_forward_pre_hook(lambda *_: masters.append(weight.detach().clone()))
+    retrain.train_(model, windows(), retrain.TrainSettings(steps=3, lr=1e-6, batch_size=2, grad_accum=2, warmup=0),
+                   progress=False)  # fmt: skip
+    assert masters[-1].dtype == torch.float32 and not torch.equal(masters[-1], start)
+
+
+def test_float16_on_cpu_fails_early(tmp_path, capsys):
+    from perplib.cli import main
+
+    with pytest.raises(ValueError, match="dtype float16 needs a CUDA GPU.*bfloat16"):
+        retrain.train_(pruned("llama").to(torch.float16), windows(), SETTINGS, progress=False)
+    rc = main(["run", "--model", "tiny-llama", "--dtype", "float16", "--device", "cpu", "--prune", "magnitude",
+               "--results", str(tmp_path / "r")])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "dtype float16 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "r").rglob("*.json"))
 
 
 # --- slow: the embedded model ---------------------------------------------------------------------
