@@ -72,9 +72,7 @@ def execute(config: RunConfig, args: argparse.Namespace, save: str | None = None
     from .results import ResultStore
 
     store = ResultStore(args.results)
-    if args.force:
-        store.path("llm", config).unlink(missing_ok=True)
-    record = run_llm(config, store, device=args.device, save=save)
+    record = run_llm(config, store, device=args.device, save=save, force=args.force)
     summarize(record)
     if args.json:
         from pathlib import Path
@@ -260,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:  # FloatingPointError: Diverged
         print(f"perp {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+_MAX_EXP = math.log(1.7976931348623157e308)  # the largest float's log: exp of more overflows
+
 
 def perplexity(
     model, ids: torch.Tensor, seqlen: int, windows: int | None = None, batch_size: int = 4
@@ -45,7 +47,7 @@ def perplexity(
     model.train(was_training)
     elapsed = time.perf_counter() - start
     return {
-        "perplexity": math.exp(nll / count),
+        "perplexity": math.exp(nll / count) if nll / count < _MAX_EXP else math.inf,  # inf, not OverflowError
         "nll": nll / count,
         "tokens": n * seqlen,
         "windows": n,

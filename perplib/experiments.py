@@ -4,6 +4,7 @@ finished runs and interrupted ones resume."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -95,6 +96,19 @@ def _execute(config: RunConfig, device: torch.device, save: str | None) -> dict[
     t0 = time.perf_counter()
     metrics = evaluation.perplexity(model, ids, config.seqlen, config.windows)
     timings["eval_s"] = time.perf_counter() - t0
+    if not math.isfinite(metrics["perplexity"]):  # never record a NaN: say what went wrong instead
+        if "history" in out:
+            from .retrain import Diverged
+
+            last = out["history"][-1]
+            raise Diverged(
+                f"training diverged: held-out perplexity of the retrained model is {metrics['perplexity']} after "
+                f"step {last['step']} (lr {last.get('lr', config.lr):.3g}); lower --lr"
+            )
+        raise FloatingPointError(
+            f"held-out perplexity of the {'dense' if config.prune == 'none' else 'pruned'} model is "
+            f"{metrics['perplexity']}: its outputs are not finite in {config.dtype}"
+        )
     if config.zero_shot_tasks:
         t0 = time.perf_counter()
         metrics.update(evaluation.zero_shot(model, tokenizer, config.zero_shot_tasks))
@@ -122,18 +136,20 @@ def run_llm(
     *,
     device: str | torch.device | None = None,
     save: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Prune, retrain and evaluate one configuration, or reuse its finished record.
 
     ``save`` writes the final model as a Hugging Face checkpoint (this always recomputes, since a
-    stored record holds no weights)."""
+    stored record holds no weights); ``force`` recomputes too. A finished record is replaced only
+    once the new run has finished; a run that fails (e.g. ``Diverged``) writes nothing."""
     from .retrain import check_half_precision
 
     validate(config)
     device = resolve_device(device)
     check_half_precision(config.dtype, device)
     store = store if store is not None else ResultStore()
-    return store.run(KIND, config, lambda: _execute(config, device, save), force=save is not None)
+    return store.run(KIND, config, lambda: _execute(config, device, save), force=force or save is not None)
 
 
 def describe(config: RunConfig, base: RunConfig | None = None) -> str:

@@ -265,8 +265,12 @@ def fp32_master_weights(params: Iterable[nn.Parameter], enabled: bool = True) ->
             p.data = p.data.to(dtype)
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The training loss became NaN or infinite: the run stops and no record is written."""
+class Diverged(FloatingPointError):
+    """Training diverged: a loss, gradient norm or held-out perplexity became NaN or infinite. The
+    run stops with a one-line message naming the step and the learning rate; no record is written."""
+
+
+NonFiniteLoss = Diverged  # the name from when only the loss was guarded
 
 
 @dataclass(frozen=True)
@@ -353,13 +357,20 @@ def train_(
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    def tracked() -> float:
+    def tracked(step: int, lr: float) -> float:
         with autocast():
-            return evaluate()
+            value = evaluate()
+        if not math.isfinite(value):
+            when = "before any update" if step == 0 else f"after step {step}"
+            raise Diverged(
+                f"training diverged: held-out perplexity is {value} {when} (step {step}, lr {lr:.3g}); "
+                + ("the pruned model's outputs are not finite" if step == 0 else "lower --lr")
+            )
+        return value
 
     if not params or s.steps == 0:
         if evaluate is not None:
-            history.append({"step": 0, "perplexity": tracked()})
+            history.append({"step": 0, "perplexity": tracked(0, s.lr)})
         return {"history": history, "train_s": 0.0, "tokens": 0, "steps": 0, "loss": None}
 
     generator = torch.Generator().manual_seed(s.seed)
@@ -395,7 +406,7 @@ def train_(
         bar = tqdm(range(s.steps), desc="retrain", disable=not progress, dynamic_ncols=True)
         try:
             if evaluate is not None:
-                history.append({"step": 0, "perplexity": tracked()})
+                history.append({"step": 0, "perplexity": tracked(0, lr_at(0, s.steps, s.lr, s.warmup))})
             torch.manual_seed(s.seed)  # dropout
             model.train()
             for step in bar:
@@ -409,15 +420,22 @@ def train_(
                     with autocast():
                         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"training loss became {loss.item()} at step {step} (micro-batch {micro}); lr={lr:.3g}. "
-                            "Lower --lr, use float32/bfloat16 instead of float16, or check the data"
+                        raise Diverged(
+                            f"training diverged: loss is {loss.item()} at step {step} (lr {lr:.3g}, micro-batch "
+                            f"{micro}); lower --lr or check the data"
                         )
                     scaler.scale(loss / s.grad_accum).backward()
                     loss_sum += loss.item()
                 for weight, keep in enforced:  # Full IMP: no update can reach a pruned weight
                     if weight.grad is not None:
                         weight.grad.mul_(keep)
+                scaler.unscale_(optimizer)  # no-op without fp16's loss scaling
+                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                # with fp16 loss scaling an overflow is routine: the scaler skips the step and lowers the scale
+                if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                    raise Diverged(
+                        f"training diverged: gradient norm is {grad_norm} at step {step} (lr {lr:.3g}); lower --lr"
+                    )
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -427,11 +445,12 @@ def train_(
                 dt = time.perf_counter() - t0
                 trained_s += dt
                 loss_value = loss_sum / s.grad_accum
-                entry = {"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt}
+                entry = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                         "tokens_per_s": tokens_per_step / dt}  # fmt: skip
                 due = s.eval_every and (step + 1) % s.eval_every == 0
                 last = step + 1 == s.steps
                 if evaluate is not None and (due or last) and (evaluate_last or not last):
-                    entry["perplexity"] = tracked()
+                    entry["perplexity"] = tracked(step + 1, lr)
                     model.train()
                 history.append(entry)
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:.0f}")
@@ -527,7 +546,8 @@ def retrain_(
     at the end (every zero kept); plain LoRA stays unmerged. With ``eval_every > 0`` and
     ``eval_ids``, the held-out perplexity is tracked (Figure 3). Returns ``metrics`` (trainable
     share, sparsity before / after training / after merging, LoRA kind, final loss), ``timings``
-    and ``history``, to be merged into the run's record. Raises ``NonFiniteLoss`` on a NaN/inf loss.
+    and ``history``, to be merged into the run's record. Raises ``Diverged`` on a NaN/inf loss,
+    gradient norm or tracked perplexity.
     """
     settings = TrainSettings.from_config(config, eval_every=eval_every)
     if windows is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -245,9 +246,46 @@ def test_nonfinite_loss_stops_without_a_record(tmp_path):
         model.model.norm.weight.fill_(float("nan"))
     store = ResultStore(tmp_path)
     cfg = config()
-    with pytest.raises(retrain.NonFiniteLoss, match="training loss became nan at step 0"):
+    with pytest.raises(retrain.Diverged, match=r"loss is nan at step 0 \(lr 0.01,"):
         store.run("llm", cfg, lambda: retrain.retrain_(model, None, cfg, windows=windows(), progress=False))
     assert store.get("llm", cfg) is None and not store.records()
+
+
+def test_nonfinite_gradient_norm_stops_the_run():
+    model = pruned("llama")
+    retrain.mark_trainable_(model, ("norms",))
+    # a finite loss whose gradient overflows: the loss guard alone would let this step through
+    model.model.norm.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(retrain.Diverged, match=r"gradient norm is (nan|inf) at step 0 \(lr 0.01\)"):
+        retrain.train_(model, windows(), SETTINGS, progress=False)
+    assert model.model.norm.weight.grad is None  # the loop cleaned up
+
+
+def test_nonfinite_evaluation_stops_the_run():
+    values = [20.0, 10.0, float("nan")]
+    model = pruned("llama")
+    retrain.mark_trainable_(model, ("norms",))
+    settings = retrain.TrainSettings(steps=3, lr=1e-2, batch_size=2, grad_accum=2, warmup=0.0, eval_every=1)
+    with pytest.raises(retrain.Diverged, match=r"perplexity is nan after step 2 \(step 2, lr 0.00667\)"):
+        retrain.train_(model, windows(), settings, evaluate=lambda: values.pop(0), progress=False)
+    values = [float("inf")]
+    with pytest.raises(retrain.Diverged, match="inf before any update"):
+        retrain.train_(model, windows(), settings, evaluate=lambda: values.pop(0), progress=False)
+
+
+@pytest.mark.parametrize("eval_every", [0, 1])
+def test_cli_diverged_run_exits_2_and_records_nothing(text_file, tmp_path, capsys, eval_every):
+    from perplib.cli import main
+
+    results, out = tmp_path / "r", tmp_path / "run.json"
+    rc = main(["run", "--model", "tiny-llama", "--prune", "magnitude", "--retrain", "perp", "--steps", "2",
+               "--lr", "1e9", "--batch-size", "1", "--grad-accum", "1", "--seqlen", "32", "--windows", "2",
+               "--calib", text_file, "--train", text_file, "--eval", text_file, "--eval-every", str(eval_every),
+               "--results", str(results), "--json", str(out), "--save", str(tmp_path / "saved")])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
+    assert re.fullmatch(r"perp run: error: training diverged: .* step \d \(lr [0-9.e+]+.*", err), err
+    assert not list(results.rglob("*.json")) and not out.exists() and not (tmp_path / "saved").exists()
 
 
 # --- bf16: every preset runs, merges, keeps every zero and evaluates -------------------------------
