@@ -2,15 +2,20 @@
 
 Tables: CSV (machine-readable) + Markdown (for the README and reviewers).
 Figures: PNG + PDF. Both go to ``<figures|tables>/<profile>/<name>.*``.
+
+Both are byte-stable: the same records give the same bytes on every run, so a rerun of
+``make reproduce`` that reuses every record leaves the checkout unchanged. Figures carry no
+creation date and no software version (matplotlib writes both by default); tables are written
+with fixed line endings and float formatting.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from . import paths
-from .results import write_atomic
 
 
 def records_table(records, config: list[str], metrics: list[str], extra: dict[str, str] | None = None):
@@ -37,22 +42,43 @@ def save_table(df, name: str, profile: str, *, floatfmt: str = ".4g", index: boo
         raise ValueError(f"table '{name}' has no rows: no records matched; run the experiments first")
     out = paths.tables_dir() / profile
     csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-    write_atomic(csv_path, df.to_csv(index=index))
-    write_atomic(md_path, df.to_markdown(index=index, floatfmt=floatfmt) + "\n")
+    _write_if_changed(csv_path, df.to_csv(index=index, lineterminator="\n").encode())
+    _write_if_changed(md_path, (df.to_markdown(index=index, floatfmt=floatfmt) + "\n").encode())
     return {"csv": csv_path, "md": md_path}
+
+
+# No creation date, no software version: the same figure gives the same bytes on every run.
+FIGURE_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+}
+
+
+def figure_bytes(fig, ext: str, *, dpi: int = 150) -> bytes:
+    """``fig`` rendered as ``png`` or ``pdf``, byte-stable (see :data:`FIGURE_METADATA`)."""
+    if ext not in FIGURE_METADATA:
+        raise ValueError(f"figure format must be one of {list(FIGURE_METADATA)}, got {ext!r}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight", metadata=FIGURE_METADATA[ext])
+    return buf.getvalue()
 
 
 def save_figure(fig, name: str, profile: str, *, dpi: int = 150) -> dict[str, Path]:
     """Write ``fig`` as ``figures/<profile>/<name>.png`` and ``.pdf``; returns the paths."""
     out = paths.figures_dir() / profile
-    out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for ext in ("png", "pdf"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight")
-        target = out / f"{name}.{ext}"
-        tmp = target.with_suffix(f".{ext}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(target)
-        written[ext] = target
+    for ext in FIGURE_METADATA:
+        written[ext] = out / f"{name}.{ext}"
+        _write_if_changed(written[ext], figure_bytes(fig, ext, dpi=dpi))
     return written
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomic write that leaves an identical file untouched (its modification time too)."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    tmp.replace(path)
