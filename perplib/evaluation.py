@@ -83,6 +83,10 @@ def zero_shot(
     tasks = list(tasks)
     if not tasks:
         raise ValueError("tasks must name at least one lm-eval task")
+    from . import dryrun
+
+    if dryrun.active() and include_path is None:  # the same task definitions, reading local copies
+        include_path, include_defaults = dryrun.lm_eval_tasks(), False
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -30,7 +30,7 @@ def validate(config: RunConfig) -> None:
     are loaded: text sources exist, ``seqlen`` fits the model's context."""
     from transformers import AutoConfig
 
-    from . import data, models
+    from . import data, dryrun, models
 
     for source in {config.eval, config.calib, config.train}:
         data.check_source(source)
@@ -45,7 +45,7 @@ def validate(config: RunConfig) -> None:
         cfg = AutoConfig.from_pretrained(models.embedded_checkpoint())
     else:
         try:
-            cfg = AutoConfig.from_pretrained(config.model)
+            cfg = AutoConfig.from_pretrained(dryrun.resolve_model(config.model))
         except (OSError, ValueError) as e:
             raise ValueError(
                 f"unknown model {config.model!r}: not an embedded alias {models.known_aliases()}, not a local model "

