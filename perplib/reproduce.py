@@ -2,24 +2,36 @@
 
     python -m perplib.reproduce --profile embedded          # what `make reproduce` runs
     python -m perplib.reproduce --profile smoke --only 00_dense_baselines
+    python -m perplib.reproduce --profile paper --dry-run   # what `make dry-run` runs (perplib.dryrun)
 
-A profile is ``notebooks/profiles/<name>.yaml``: a ``common`` mapping given to every notebook,
-plus one mapping per notebook stem. Executed copies go to ``build/<profile>/``; figures and
-tables to ``figures/<profile>/`` and ``tables/<profile>/``; records to the results store, so a
-rerun reuses finished runs and an interrupted one resumes where it stopped.
+A profile is ``notebooks/profiles/<name>.yaml``: a ``common`` mapping plus one mapping per
+notebook stem. Each notebook gets only the parameters its ``parameters`` cell declares (common
+values it does not declare are left out; a notebook entry naming an undeclared parameter, or a
+declared parameter the profile does not set, is an error before anything runs). Notebooks run one
+at a time; the console shows one line per run and per notebook, the full output of each notebook
+goes to ``build/<profile>/<notebook>.log`` next to the executed copy. Figures and tables go to
+``figures/<profile>/`` and ``tables/<profile>/``, records to the results store, so a rerun reuses
+finished runs and an interrupted one resumes where it stopped. After the last notebook, the
+claims of every notebook are gathered into ``tables/<profile>/claims.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
 from . import paths
+
+RUN_LINE = re.compile(r"^\[\d+/\d+\] ")  # the progress line of run_grid / run_vision_grid
 
 
 def notebooks_dir() -> Path:
@@ -40,10 +52,101 @@ def load_profile(name: str) -> dict[str, Any]:
     return data
 
 
-def notebook_parameters(profile: str, stem: str) -> dict[str, Any]:
-    """The parameters one notebook gets under a profile (common first, the notebook's own win)."""
+def declared_parameters(book: Path) -> list[str]:
+    """The names assigned in a notebook's ``parameters`` cell."""
+    import papermill as pm
+
+    return list(pm.inspect_notebook(str(book)))
+
+
+def notebook_parameters(profile: str, stem: str, declared: list[str] | None = None) -> dict[str, Any]:
+    """The parameters one notebook gets under a profile (common first, the notebook's own win).
+
+    With ``declared`` (the notebook's parameter names), only those are passed, and the profile
+    must set every one of them and nothing else for this notebook."""
     data = load_profile(profile)
-    return {**(data.get("common") or {}), **(data.get(stem) or {}), "profile": profile}
+    common, own = data.get("common") or {}, data.get(stem) or {}
+    params = {**common, **own, "profile": profile}
+    if declared is None:
+        return params
+    where = f"notebooks/profiles/{profile}.yaml"
+    if unknown := sorted(set(own) - set(declared)):
+        raise ValueError(f"{where}: {stem} has no parameter(s) {unknown}; its parameters cell declares {declared}")
+    if missing := [name for name in declared if name not in params]:
+        raise ValueError(
+            f"{where} sets no value for {stem}'s parameter(s) {missing}: the notebook would run with its stored "
+            "(smoke) values; add them under 'common' or the notebook's entry"
+        )
+    return {name: params[name] for name in declared}
+
+
+class _RunLines:
+    """papermill's ``stdout_file``: every line goes to the notebook's log; run lines also go to
+    the console, and are counted (reused / computed)."""
+
+    def __init__(self, log: TextIO, console: TextIO) -> None:
+        self.log, self.console, self.pending = log, console, ""
+        self.runs = self.reused = 0
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if RUN_LINE.match(line):
+                self.runs += 1
+                self.reused += line.rstrip().rstrip(")").endswith("reused")
+                self.console.write(f"    {line}\n")
+                self.console.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+def _execute(book: Path, params: dict[str, Any], out_dir: Path, kernel: str, console: TextIO) -> _RunLines:
+    """Run one notebook, its output in ``<out_dir>/<stem>.log``; raises papermill's error."""
+    import papermill as pm
+
+    log_path = out_dir / f"{book.stem}.log"
+    with open(log_path, "w") as log:
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        pm_logger = logging.getLogger("papermill")
+        pm_logger.addHandler(handler)
+        pm_logger.propagate, pm_logger.level = False, logging.INFO
+        lines = _RunLines(log, console)
+        log.write(f"parameters: {params}\n")
+        log.flush()
+        # the kernel process inherits this process's stderr (its start-up warnings): point it at the log
+        saved_stderr = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            pm.execute_notebook(
+                str(book), str(out_dir / book.name), parameters=params, cwd=str(notebooks_dir()),
+                kernel_name=kernel, log_output=False, progress_bar=False, stdout_file=lines, stderr_file=log,
+            )  # fmt: skip
+        finally:
+            log.flush()
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+            pm_logger.removeHandler(handler)
+    return lines
+
+
+def _prepare_dry_run(out: Path) -> None:
+    """A dry run computes everything again, in its own folders under ``<build>/dry-run``."""
+    from . import dryrun
+
+    os.environ.setdefault(dryrun.ENV, str(out / "fixtures"))
+    os.environ.setdefault("PERPLIB_CACHE", str(out / "cache"))
+    for name in ("results", "figures", "tables", "cache"):
+        path = out / name
+        if path.exists() and path.resolve() in {
+            Path(p).resolve() for p in (paths.results_dir(), paths.figures_dir(), paths.tables_dir(), paths.cache_dir())
+        }:
+            shutil.rmtree(path)
+    dryrun.root()  # generate the fixtures now, not inside the first notebook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,15 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="embedded", help=f"parameter profile, one of {profiles()}")
     parser.add_argument("--only", action="append", default=[], help="notebook stem(s) to run (default: all)")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the profile's grids and code paths on tiny models and local fixtures (perplib.dryrun), "
+                             "outputs under <build>/dry-run")  # fmt: skip
+    parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     args = parser.parse_args(argv)
 
-    import logging
-
-    import papermill as pm
-
-    # papermill logs each cell's output (the per-run progress lines) on its logger
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("papermill").setLevel(logging.INFO)
+    from . import dryrun
 
     try:
         load_profile(args.profile)
@@ -71,20 +172,56 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown notebook(s) {sorted(unknown)}; available: {[b.stem for b in books]}")
         books = [b for b in books if b.stem in args.only]
+    # every notebook's parameters before anything runs: a profile error fails now, not after an hour
+    try:
+        plan = {book: notebook_parameters(args.profile, book.stem, declared_parameters(book)) for book in books}
+        if args.dry_run:
+            for book, params in plan.items():
+                dryrun.check_parameters(book.stem, params)
+    except ValueError as e:
+        parser.error(str(e))
+
     out_dir = paths.build_dir() / args.profile
+    if args.dry_run:
+        dry = paths.build_dir() / "dry-run"
+        _prepare_dry_run(dry)
+        out_dir = dry / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
+    label = f"profile {args.profile}" + (" (dry run)" if args.dry_run else "")
+    print(f"{len(books)} notebook(s), {label}; logs and executed notebooks in {out_dir}", flush=True)
+
+    failed: list[str] = []
     start = time.perf_counter()
-    for i, book in enumerate(books, 1):
-        params = notebook_parameters(args.profile, book.stem)
-        print(f"== [{i}/{len(books)}] {book.name} (profile {args.profile}) ==", flush=True)
+    for i, (book, params) in enumerate(plan.items(), 1):
+        if args.dry_run:
+            params, cut = dryrun.cut_parameters(book.stem, params)
+            print(f"[{book.stem}] dry run cuts {', '.join(f'{k}={v!r}' for k, (_, v) in cut.items()) or 'nothing'}")
         t0 = time.perf_counter()
-        pm.execute_notebook(
-            str(book), str(out_dir / book.name), parameters=params, cwd=str(notebooks_dir()),
-            kernel_name=args.kernel, log_output=True, progress_bar=False,
-        )  # fmt: skip
-        print(f"== [{i}/{len(books)}] {book.name} done in {time.perf_counter() - t0:.0f}s ==", flush=True)
-    print(f"all {len(books)} notebooks done in {time.perf_counter() - start:.0f}s; "
-          f"figures in {paths.figures_dir() / args.profile}, tables in {paths.tables_dir() / args.profile}")  # fmt: skip
+        try:
+            lines = _execute(book, params, out_dir, args.kernel, sys.stdout)
+        except Exception as e:  # papermill's PapermillExecutionError names the cell and the exception
+            reason = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+            print(f"== [{i}/{len(plan)}] {book.stem} FAILED after {time.perf_counter() - t0:.0f}s: {reason}\n"
+                  f"   log: {out_dir / (book.stem + '.log')}, notebook: {out_dir / book.name}", flush=True)  # fmt: skip
+            failed.append(book.stem)
+            if not args.keep_going:
+                break
+            continue
+        runs = f"{lines.runs} runs ({lines.reused} reused, {lines.runs - lines.reused} computed)" if lines.runs else ""
+        print(f"== [{i}/{len(plan)}] {book.stem}: {runs + ', ' if runs else ''}"
+              f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+
+    from .claims import combine_claims
+
+    claims = combine_claims(args.profile)
+    if claims:
+        print(f"claims of every notebook: {claims['md']}")
+    total = time.perf_counter() - start
+    if failed:
+        print(f"{len(failed)} notebook(s) failed: {failed} ({total:.0f}s)", flush=True)
+        return 1
+    print(f"all {len(plan)} notebooks done in {total:.0f}s; figures in {paths.figures_dir() / args.profile}, "
+          f"tables in {paths.tables_dir() / args.profile}", flush=True)  # fmt: skip
     return 0
 
 
