@@ -94,3 +94,17 @@ def test_console_shows_run_lines_and_one_line_per_notebook_the_log_has_the_rest(
     executed = nbformat.read(tmp_path / "build" / "p" / "x.ipynb", as_version=4)
     injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert "seqlen" not in injected.source and "steps = 3" in injected.source
+
+
+def test_xfail_notebooks_must_fail_and_a_pass_fails_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PERPLIB_ROOT", str(tmp_path))
+    monkeypatch.setenv("PERPLIB_BUILD", str(tmp_path / "build"))
+    fake_repo(tmp_path, "x: {models: [a], steps: 13}\n", ["assert steps != 13, 'the known bug'"])
+    with pytest.raises(SystemExit, match="2"):
+        reproduce.main(["--profile", "p", "--xfail", "no_such_notebook"])
+    assert reproduce.main(["--profile", "p", "--xfail", "x"]) == 0
+    assert "x failed as expected (--xfail) after" in capsys.readouterr().out
+    assert reproduce.main(["--profile", "p"]) == 1  # the same failure without --xfail fails the run
+    (tmp_path / "notebooks" / "profiles" / "p.yaml").write_text("x: {models: [a], steps: 2}\n")
+    assert reproduce.main(["--profile", "p", "--xfail", "x"]) == 1  # fixed: the --xfail entry must go
+    assert "passed although expected to fail: ['x']" in capsys.readouterr().out
