@@ -13,9 +13,9 @@ TEST_OUT := $(CURDIR)/build/test-outputs
 TEST_ENV := PERPLIB_RESULTS=$(TEST_OUT)/results PERPLIB_FIGURES=$(TEST_OUT)/figures \
             PERPLIB_TABLES=$(TEST_OUT)/tables HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 
-# Notebooks the dry run expects to fail until a known bug is fixed (strict: a pass fails the target).
-# 32 and C: bf16 retraining crashes (issue 10); remove them once the fix is merged.
-DRY_RUN_XFAIL := 32_efficient_retraining C_parameter_groups
+# Notebooks the dry run expects to fail until a known bug is fixed (strict: a pass fails the target),
+# each with a comment naming the bug. None at present.
+DRY_RUN_XFAIL :=
 CONDA ?= conda
 CONDA_ENV ?= perplib
 
