@@ -57,6 +57,53 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="recompute even if a finished record exists")
 
 
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement (models larger than one GPU: accelerate device map, CPU/disk offload)")
+    g.add_argument("--device-map", metavar="MAP",
+                   help="spread the model with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
+                        "{module: GPU index | cpu | disk}; --gpus/--gpu-memory/--cpu-memory imply auto")  # fmt: skip
+    g.add_argument("--gpus", type=int, metavar="N", help="use the first N GPUs (at most the visible ones)")
+    g.add_argument(
+        "--gpu-memory", metavar="SIZE", help="memory per GPU for weights, e.g. 70GiB (default: what is free)"
+    )
+    g.add_argument("--cpu-memory", metavar="SIZE",
+                   help="CPU memory for offloaded weights, e.g. 200GiB; modules beyond it go to disk")  # fmt: skip
+    g.add_argument("--offload-folder", metavar="DIR",
+                   help="folder for disk-offloaded weights (pruning writes the pruned ones there)")  # fmt: skip
+
+
+def placement_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``load_model``'s device_map / max_memory / offload_folder from the placement options (None
+    when none is given: the model loads on the CPU and pruning moves one block at a time to --device)."""
+    from pathlib import Path
+
+    from .models import DEVICE_MAP_STRATEGIES, max_memory_for
+
+    device_map = getattr(args, "device_map", None)
+    sizes = {k: getattr(args, k, None) for k in ("gpus", "gpu_memory", "cpu_memory")}
+    folder = getattr(args, "offload_folder", None)
+    if device_map is None and all(v is None for v in sizes.values()):
+        if folder is not None:
+            raise ValueError("--offload-folder needs a device map (--device-map auto, or --gpus/--cpu-memory)")
+        return None
+    if device_map is None:
+        device_map = "auto"
+    elif device_map not in DEVICE_MAP_STRATEGIES:
+        path = Path(device_map)
+        if not path.is_file():
+            raise ValueError(
+                f"--device-map must be one of {list(DEVICE_MAP_STRATEGIES)} or a JSON file mapping module names to "
+                f"devices, got {device_map!r}"
+            )
+        try:
+            device_map = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--device-map file {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(device_map, dict):
+            raise ValueError(f"--device-map file {str(path)!r} must hold a JSON object {{module: device}}")
+    return {"device_map": device_map, "max_memory": max_memory_for(**sizes), "offload_folder": folder}
+
+
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> RunConfig:
     """Every option whose name is a RunConfig field goes into the configuration."""
     values = {k: v for k, v in vars(args).items() if k in RunConfig.field_names() and v is not None}
@@ -72,7 +119,9 @@ def execute(config: RunConfig, args: argparse.Namespace, save: str | None = None
     from .results import ResultStore
 
     store = ResultStore(args.results)
-    record = run_llm(config, store, device=args.device, save=save, force=args.force)
+    record = run_llm(
+        config, store, device=args.device, save=save, force=args.force, placement=placement_from_args(args)
+    )
     summarize(record)
     if args.json:
         from pathlib import Path
@@ -212,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a (dense) model",
                        description="Measure the perplexity of a model and record it in the results store.")  # fmt: skip
     add_model_args(p)
+    add_placement_args(p)
     add_eval_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_eval)
@@ -220,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune every linear layer of the decoder blocks, evaluate the perplexity and record "
                                    "the run (configuration, perplexity, sparsity per layer, timings).")  # fmt: skip
     add_model_args(p)
+    add_placement_args(p)
     add_eval_args(p)
     add_prune_args(p)
     add_output_args(p)
@@ -229,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a model, retrain it (parameter-efficiently), evaluate it and record the run. "
                                    "An LLM unless --model names a vision model.")  # fmt: skip
     add_model_args(p)
+    add_placement_args(p)
     add_eval_args(p)
     add_run_llm_args(p)
     add_output_args(p)
