@@ -251,6 +251,73 @@ def cmd_run(args: argparse.Namespace) -> None:
               f"{m['sparsity_merged']:.4f} after merging")  # fmt: skip
 
 
+# --- perp plan (issue 11): will a run fit? peak memory per device from the configuration alone ---
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    from . import config as cfg
+    from .pruning import METHODS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULTS.model,
+                   help="embedded alias, a folder holding the model's config.json (nothing else is read), a Hugging "
+                        "Face id in the local cache, or one of the paper's models (facebook/opt-1.3b ... opt-66b, "
+                        "meta-llama/Llama-2-{7b,13b,70b}-hf, mistralai/Mistral-7B-v0.1) whose sizes perplib carries")  # fmt: skip
+    g.add_argument("--dtype", default="bfloat16", choices=cfg.DTYPES,
+                   help="weights dtype (default bfloat16: half weights, fp32 trainable parameters, autocast)")  # fmt: skip
+    g = p.add_argument_group("retraining")
+    g.add_argument("--retrain", default="perp",
+                   help=f"preset {', '.join(cfg.RETRAIN_PRESETS)} or '+'-joined groups (default perp); Full IMP, "
+                        "LN-Parameters and no retraining are always shown alongside")  # fmt: skip
+    g.add_argument("--lora", default=DEFAULTS.lora, choices=cfg.LORA_KINDS, help="LoRA kind (the other is shown too)")
+    g.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="LoRA rank")
+    if hasattr(cfg, "LORA_TARGET_SETS"):
+        g.add_argument("--lora-targets", default=getattr(DEFAULTS, "lora_targets", None), choices=cfg.LORA_TARGET_SETS,
+                       help="which prunable layers get LoRA (default: as a run)")  # fmt: skip
+    g.add_argument(
+        "--head", default=DEFAULTS.head, choices=cfg.HEAD_MODES, help="the head trains through LoRA or fully"
+    )
+    g.add_argument("--seqlen", type=int, help="tokens per sequence (default: the model's context length, as the paper)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="micro-batch in sequences (default 2)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    g = p.add_argument_group("pruning step (block by block, one GPU)")
+    g.add_argument("--prune", default="sparsegpt", choices=METHODS, help="criterion (default sparsegpt, the largest)")
+    g.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples, help="calibration windows (default 128)")
+    g = p.add_argument_group("devices (hypothetical: perp plan reads no GPU)")
+    g.add_argument("--gpus", type=int, default=1,
+                   help="GPUs to plan for, whether or not this machine has them (default 1)")  # fmt: skip
+    g.add_argument(
+        "--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU, e.g. 80GiB, 40GB (default 80GiB)"
+    )
+    g.add_argument("--headroom", type=float, default=0.1,
+                   help="share of each GPU left free for the CUDA context and fragmentation (default 0.1)")  # fmt: skip
+    g.add_argument(
+        "--json", metavar="FILE", help="also write the plan (configuration, per method and component) to FILE"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .models import parse_size
+    from .plan import PlanSpec, estimate, table
+    from .results import write_atomic
+
+    spec = PlanSpec(
+        model=args.model, dtype=args.dtype, seqlen=args.seqlen, batch_size=args.batch_size,
+        grad_checkpointing=args.grad_checkpointing, retrain=args.retrain, lora=args.lora, lora_rank=args.lora_rank,
+        head=args.head, prune=args.prune, nsamples=args.nsamples, gpus=args.gpus,
+        gpu_memory=parse_size(args.gpu_memory, "--gpu-memory"), headroom=args.headroom,
+        **({"lora_targets": args.lora_targets} if getattr(args, "lora_targets", None) else {}),
+    )  # fmt: skip
+    plan = estimate(spec)
+    print(plan.summary)
+    print()
+    print(table(plan))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(plan.as_record(), indent=1, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perp",
@@ -275,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("plan", help="will a run fit? peak memory per GPU from the model's configuration alone",
+                       description="Estimate the peak memory of retraining (per method and component) and of "
+                                   "block-by-block pruning from a model's config.json (no weights are read, no GPU "
+                                   "is needed), and say how many GPUs of a given size each method needs.")  # fmt: skip
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="prune, retrain and evaluate an LLM or a vision model",
                        description="Prune a model, retrain it (parameter-efficiently), evaluate it and record the run. "
