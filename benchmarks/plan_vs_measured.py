@@ -6,14 +6,14 @@
 
 For full retraining (Full IMP, mask enforced), PERP with plain and with masked LoRA, and norms
 only, each with and without gradient checkpointing, a fresh process loads the model, magnitude-
-prunes it to 50%, sets the method up as a run does (``perplib.plan.mark_as_run``) and trains
+prunes it to 50%, sets the method up as a run does (``perplib.memory.mark_as_run``) and trains
 ``--steps`` optimizer steps of ``--grad-accum`` micro-batches (gradients then live alongside the
 next micro-batch's activations, as in the paper's setting; AdamW's moments exist from the first
 step on). Measured peak: on the CPU the process RSS sampled every 2 ms
 (``perplib.profiling.PeakMemory``) above the RSS after imports, with glibc returning every
 allocation of 64 KiB or more to the OS when freed (``MALLOC_MMAP_THRESHOLD_``), so the RSS follows
 live tensors rather than the allocator's cache; on a GPU ``torch.cuda.max_memory_allocated``.
-The estimate is ``perplib.plan.plan_method`` for the same settings on one device: nothing in it
+The estimate is ``perplib.memory.plan_method`` for the same settings on one device: nothing in it
 is fitted to these measurements (activations are counted with saved-tensor hooks on a narrow copy
 of the configuration). Target (issue 11): every ratio within 0.75-1.25.
 """
@@ -63,8 +63,8 @@ def _weights_only(name: str, dtype: str, config) -> torch.nn.Module:
 def measure(job: dict) -> dict:
     """One method in this process: load, prune, set up, train; peak memory above the start."""
     from perplib.config import retrain_groups
+    from perplib.memory import PlanSpec, mark_as_run
     from perplib.models import load_model, model_config
-    from perplib.plan import PlanSpec, mark_as_run
     from perplib.profiling import PeakMemory, rss_bytes
     from perplib.pruning import prune_
     from perplib.retrain import TrainSettings, train_
@@ -101,7 +101,7 @@ def measure(job: dict) -> dict:
 
 
 def estimate(job: dict) -> dict:
-    from perplib.plan import PlanSpec, plan_method
+    from perplib.memory import PlanSpec, plan_method
 
     retrain, kind = METHODS[job["method"]]
     spec = PlanSpec(model=job["model"], dtype=job["dtype"], seqlen=job["seqlen"], batch_size=job["batch"],

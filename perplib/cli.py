@@ -299,8 +299,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .memory import PlanSpec, estimate, table
     from .models import parse_size
-    from .plan import PlanSpec, estimate, table
     from .results import write_atomic
 
     spec = PlanSpec(

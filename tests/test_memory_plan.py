@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 
-from perplib import plan
-from perplib.plan import GiB, PlanSpec, estimate, plan_method
+from perplib import memory as plan
+from perplib.memory import GiB, PlanSpec, estimate, plan_method
 
 
 def _folder(tmp_path, **values):
