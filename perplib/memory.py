@@ -227,7 +227,7 @@ class Shape:
     tail: _Part  # final norm and head (on the embedding's device when the head is tied)
 
 
-def _units(model: nn.Module, adapter, masks: dict[str, int]) -> tuple[list[_Part], _Part, _Part]:
+def _units(model: nn.Module, adapter, masks: dict[str, int], tied: bool) -> tuple[list[_Part], _Part, _Part]:
     n = len(adapter.blocks(model))
     blocks = [_Part() for _ in range(n)]
     embed, tail = _Part(), _Part()
@@ -247,7 +247,9 @@ def _units(model: nn.Module, adapter, masks: dict[str, int]) -> tuple[list[_Part
                 part = embed
         if p.requires_grad:
             part.trained += p.numel()
-            part.trained_matrices += p.numel() if p.ndim >= 2 and "lora_" not in name else 0
+            # autocast casts what linear layers read; an embedding lookup reads its table as it is
+            cast = p.ndim >= 2 and "lora_" not in name and (part is not embed or tied)
+            part.trained_matrices += p.numel() if cast else 0
         else:
             part.frozen += p.numel()
         if p.ndim == 2 and "lora_" not in name and part is not embed:
@@ -286,7 +288,7 @@ def _shape_cached(name: str, dtype: str, groups: tuple[str, ...], kind: str, spe
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-    blocks, embed, tail = _units(model, adapter, masks)
+    blocks, embed, tail = _units(model, adapter, masks, bool(tied))
     text = _text_config(config)
     return Shape(
         name=name,
