@@ -382,7 +382,8 @@ def train_(
     enforced = []
     for name, mask in (masks or {}).items():
         module = layers[name].get_base_layer() if name in layers else modules[name]
-        enforced.append((module.weight, mask.to(device).view(torch.uint8)))  # multiplying: ~25x masked_fill_
+        # beside its weight (a device map may spread layers over GPUs); multiplying: ~25x masked_fill_
+        enforced.append((module.weight, mask.to(module.weight.device).view(torch.uint8)))
     use_cache = getattr(model.config, "use_cache", None)
     start = time.perf_counter()
     trained_s, loss_value = 0.0, float("nan")
