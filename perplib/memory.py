@@ -18,7 +18,9 @@ Assumptions, stated once: SDPA/flash attention (no ``seqlen²`` attention matrix
 training loop of ``perplib.retrain.train_`` (AdamW with two fp32 moments, fp32 master copies of
 what trains when the weights are half precision, autocast, non-reentrant checkpointing that keeps
 each block's input); the loss of Hugging Face causal LMs (fp32 logits and log-softmax); several
-GPUs hold contiguous ranges of blocks (accelerate's device map, no tensor parallelism). ``fits``
+GPUs hold contiguous ranges of blocks (accelerate's device map, no tensor parallelism); gradients
+live alongside the next micro-batch's activations (gradient accumulation, as in the paper; with
+one micro-batch per step the estimate is an upper bound). ``fits``
 means the estimate is at most ``1 - headroom`` of a GPU's memory (the rest: CUDA context, allocator
 fragmentation). ``benchmarks/plan_vs_measured.py`` checks the estimate against measured peaks.
 """
