@@ -7,6 +7,7 @@ family is one row in ``FAMILIES``, never a copy of the driver (STYLE: no ``opt.p
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,11 +106,12 @@ def capture_block_inputs(
     """Run a *truncated* forward (the decoder with only its first block) over ``batches`` of token
     ids and record what block 0 receives. Only the decoder's own modules and block 0 visit
     ``device``; everything is moved back afterwards, so the model can live on the CPU."""
+    from . import offload  # a device-mapped model: its modules may be offloaded (meta) or on other GPUs
+
     adapter = adapter_for(model)
     decoder = adapter.decoder_module(model)
     blocks = adapter.blocks(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = torch.device(device) if device is not None else offload.input_device(model)
     captured: list[BlockInput] = []
 
     def record(_module, args, kwargs):
@@ -123,16 +125,16 @@ def capture_block_inputs(
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     setattr(decoder, adapter.layers, nn.ModuleList([blocks[0]]))
     try:
-        for m in visiting:
-            m.to(device)
-        with torch.no_grad():
-            for ids in batches:
-                decoder(input_ids=ids.to(device), use_cache=False)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(offload.paused_hooks(decoder, recurse=False))
+            for m in visiting:  # each to `device` and back (for a plain model: m.to(device), m.to(home))
+                stack.enter_context(offload.materialized(m, device))
+            with torch.no_grad():
+                for ids in batches:
+                    decoder(input_ids=ids.to(device), use_cache=False)
     finally:
         setattr(decoder, adapter.layers, blocks)
         handle.remove()
-        for m in visiting:
-            m.to(home)
     return captured
 
 

@@ -57,6 +57,53 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="recompute even if a finished record exists")
 
 
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement (models larger than one GPU: accelerate device map, CPU/disk offload)")
+    g.add_argument("--device-map", metavar="MAP",
+                   help="spread the model with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
+                        "{module: GPU index | cpu | disk}; --gpus/--gpu-memory/--cpu-memory imply auto")  # fmt: skip
+    g.add_argument("--gpus", type=int, metavar="N", help="use the first N GPUs (at most the visible ones)")
+    g.add_argument(
+        "--gpu-memory", metavar="SIZE", help="memory per GPU for weights, e.g. 70GiB (default: what is free)"
+    )
+    g.add_argument("--cpu-memory", metavar="SIZE",
+                   help="CPU memory for offloaded weights, e.g. 200GiB; modules beyond it go to disk")  # fmt: skip
+    g.add_argument("--offload-folder", metavar="DIR",
+                   help="folder for disk-offloaded weights (pruning writes the pruned ones there)")  # fmt: skip
+
+
+def placement_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``load_model``'s device_map / max_memory / offload_folder from the placement options (None
+    when none is given: the model loads on the CPU and pruning moves one block at a time to --device)."""
+    from pathlib import Path
+
+    from .models import DEVICE_MAP_STRATEGIES, max_memory_for
+
+    device_map = getattr(args, "device_map", None)
+    sizes = {k: getattr(args, k, None) for k in ("gpus", "gpu_memory", "cpu_memory")}
+    folder = getattr(args, "offload_folder", None)
+    if device_map is None and all(v is None for v in sizes.values()):
+        if folder is not None:
+            raise ValueError("--offload-folder needs a device map (--device-map auto, or --gpus/--cpu-memory)")
+        return None
+    if device_map is None:
+        device_map = "auto"
+    elif device_map not in DEVICE_MAP_STRATEGIES:
+        path = Path(device_map)
+        if not path.is_file():
+            raise ValueError(
+                f"--device-map must be one of {list(DEVICE_MAP_STRATEGIES)} or a JSON file mapping module names to "
+                f"devices, got {device_map!r}"
+            )
+        try:
+            device_map = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--device-map file {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(device_map, dict):
+            raise ValueError(f"--device-map file {str(path)!r} must hold a JSON object {{module: device}}")
+    return {"device_map": device_map, "max_memory": max_memory_for(**sizes), "offload_folder": folder}
+
+
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> RunConfig:
     """Every option whose name is a RunConfig field goes into the configuration."""
     values = {k: v for k, v in vars(args).items() if k in RunConfig.field_names() and v is not None}
@@ -72,7 +119,9 @@ def execute(config: RunConfig, args: argparse.Namespace, save: str | None = None
     from .results import ResultStore
 
     store = ResultStore(args.results)
-    record = run_llm(config, store, device=args.device, save=save, force=args.force)
+    record = run_llm(
+        config, store, device=args.device, save=save, force=args.force, placement=placement_from_args(args)
+    )
     summarize(record)
     if args.json:
         from pathlib import Path
@@ -202,6 +251,73 @@ def cmd_run(args: argparse.Namespace) -> None:
               f"{m['sparsity_merged']:.4f} after merging")  # fmt: skip
 
 
+# --- perp plan (issue 11): will a run fit? peak memory per device from the configuration alone ---
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    from . import config as cfg
+    from .pruning import METHODS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULTS.model,
+                   help="embedded alias, a folder holding the model's config.json (nothing else is read), a Hugging "
+                        "Face id in the local cache, or one of the paper's models (facebook/opt-1.3b ... opt-66b, "
+                        "meta-llama/Llama-2-{7b,13b,70b}-hf, mistralai/Mistral-7B-v0.1) whose sizes perplib carries")  # fmt: skip
+    g.add_argument("--dtype", default="bfloat16", choices=cfg.DTYPES,
+                   help="weights dtype (default bfloat16: half weights, fp32 trainable parameters, autocast)")  # fmt: skip
+    g = p.add_argument_group("retraining")
+    g.add_argument("--retrain", default="perp",
+                   help=f"preset {', '.join(cfg.RETRAIN_PRESETS)} or '+'-joined groups (default perp); Full IMP, "
+                        "LN-Parameters and no retraining are always shown alongside")  # fmt: skip
+    g.add_argument("--lora", default=DEFAULTS.lora, choices=cfg.LORA_KINDS, help="LoRA kind (the other is shown too)")
+    g.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="LoRA rank")
+    if hasattr(cfg, "LORA_TARGET_SETS"):
+        g.add_argument("--lora-targets", default=getattr(DEFAULTS, "lora_targets", None), choices=cfg.LORA_TARGET_SETS,
+                       help="which prunable layers get LoRA (default: as a run)")  # fmt: skip
+    g.add_argument(
+        "--head", default=DEFAULTS.head, choices=cfg.HEAD_MODES, help="the head trains through LoRA or fully"
+    )
+    g.add_argument("--seqlen", type=int, help="tokens per sequence (default: the model's context length, as the paper)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="micro-batch in sequences (default 2)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    g = p.add_argument_group("pruning step (block by block, one GPU)")
+    g.add_argument("--prune", default="sparsegpt", choices=METHODS, help="criterion (default sparsegpt, the largest)")
+    g.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples, help="calibration windows (default 128)")
+    g = p.add_argument_group("devices (hypothetical: perp plan reads no GPU)")
+    g.add_argument("--gpus", type=int, default=1,
+                   help="GPUs to plan for, whether or not this machine has them (default 1)")  # fmt: skip
+    g.add_argument(
+        "--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU, e.g. 80GiB, 40GB (default 80GiB)"
+    )
+    g.add_argument("--headroom", type=float, default=0.1,
+                   help="share of each GPU left free for the CUDA context and fragmentation (default 0.1)")  # fmt: skip
+    g.add_argument(
+        "--json", metavar="FILE", help="also write the plan (configuration, per method and component) to FILE"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .memory import PlanSpec, estimate, table
+    from .models import parse_size
+    from .results import write_atomic
+
+    spec = PlanSpec(
+        model=args.model, dtype=args.dtype, seqlen=args.seqlen, batch_size=args.batch_size,
+        grad_checkpointing=args.grad_checkpointing, retrain=args.retrain, lora=args.lora, lora_rank=args.lora_rank,
+        head=args.head, prune=args.prune, nsamples=args.nsamples, gpus=args.gpus,
+        gpu_memory=parse_size(args.gpu_memory, "--gpu-memory"), headroom=args.headroom,
+        **({"lora_targets": args.lora_targets} if getattr(args, "lora_targets", None) else {}),
+    )  # fmt: skip
+    plan = estimate(spec)
+    print(plan.summary)
+    print()
+    print(table(plan))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(plan.as_record(), indent=1, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perp",
@@ -212,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a (dense) model",
                        description="Measure the perplexity of a model and record it in the results store.")  # fmt: skip
     add_model_args(p)
+    add_placement_args(p)
     add_eval_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_eval)
@@ -220,15 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune every linear layer of the decoder blocks, evaluate the perplexity and record "
                                    "the run (configuration, perplexity, sparsity per layer, timings).")  # fmt: skip
     add_model_args(p)
+    add_placement_args(p)
     add_eval_args(p)
     add_prune_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("plan", help="will a run fit? peak memory per GPU from the model's configuration alone",
+                       description="Estimate the peak memory of retraining (per method and component) and of "
+                                   "block-by-block pruning from a model's config.json (no weights are read, no GPU "
+                                   "is needed), and say how many GPUs of a given size each method needs.")  # fmt: skip
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("run", help="prune, retrain and evaluate an LLM or a vision model",
                        description="Prune a model, retrain it (parameter-efficiently), evaluate it and record the run. "
                                    "An LLM unless --model names a vision model.")  # fmt: skip
     add_model_args(p)
+    add_placement_args(p)
     add_eval_args(p)
     add_run_llm_args(p)
     add_output_args(p)

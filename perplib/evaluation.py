@@ -30,7 +30,9 @@ def perplexity(
     if available == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     n = available if windows is None else min(windows, available)
-    device = next(model.parameters()).device
+    from .offload import input_device
+
+    device = input_device(model)  # a device-mapped model's hooks move the batch on from there
     chunks = ids[: n * seqlen].view(n, seqlen)
     was_training = model.training
     model.eval()

@@ -25,9 +25,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, placement: dict | None = None) -> None:
     """Checks that need the model's configuration or the text sources, done before any weights
-    are loaded: text sources exist, ``seqlen`` fits the model's context."""
+    are loaded: text sources exist, ``seqlen`` fits the model's context, a device map (``placement``:
+    ``load_model``'s ``device_map``/``max_memory``/``offload_folder``) resolves and suits the run."""
     from transformers import AutoConfig
 
     from . import data, dryrun, models
@@ -54,17 +55,32 @@ def validate(config: RunConfig) -> None:
     context = getattr(cfg, "max_position_embeddings", None)
     if context and config.seqlen > context:
         raise ValueError(f"seqlen {config.seqlen} exceeds the context length of {config.model} ({context})")
+    if placement and placement.get("device_map") is not None:
+        resolved = models.resolve_device_map(config.model, dtype=config.dtype, device_map=placement["device_map"],
+                                             max_memory=placement.get("max_memory"))  # fmt: skip
+        models.check_offload_folder(resolved, placement.get("offload_folder"))
+        offloaded = models.offloads(resolved)
+        if offloaded and config.retrain != "none" and config.steps > 0:
+            raise ValueError(
+                f"retraining needs every weight resident on a GPU or the CPU, but the device map offloads "
+                f"{len(offloaded)} modules (e.g. {offloaded[0]!r}) to {resolved[offloaded[0]]!r}: give the run more "
+                "--gpus/--gpu-memory (`perp plan` says how many), or prune with offload and retrain the saved model"
+            )
 
 
-def _execute(config: RunConfig, device: torch.device, save: str | None) -> dict[str, Any]:
-    from . import data, evaluation, models
+def _execute(
+    config: RunConfig, device: torch.device, save: str | None, placement: dict | None = None
+) -> dict[str, Any]:
+    from . import data, evaluation, models, offload
 
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
     out: dict[str, Any] = {}
 
     t0 = time.perf_counter()
-    model, tokenizer = models.load_model(config.model, dtype=config.dtype)
+    model, tokenizer = models.load_model(config.model, dtype=config.dtype, **(placement or {}))
+    # a device-mapped model stays where accelerate put it; pruning visits `device` block by block
+    dispatched = offload.is_dispatched(model)
     ids = data.eval_ids(tokenizer, config.eval)
     timings["load_s"] = time.perf_counter() - t0
 
@@ -83,7 +99,8 @@ def _execute(config: RunConfig, device: torch.device, save: str | None) -> dict[
     if config.retrain != "none" and config.steps > 0:
         from .retrain import retrain_
 
-        model.to(device)
+        if not dispatched:
+            model.to(device)
         t0 = time.perf_counter()
         # the final perplexity is measured below, on the deployed (merged) model; history gets it then
         retrained = retrain_(model, tokenizer, config, eval_ids=ids, eval_every=config.eval_every, evaluate_last=False)
@@ -92,7 +109,8 @@ def _execute(config: RunConfig, device: torch.device, save: str | None) -> dict[
         out["retrain"] = retrained["metrics"]
         out["history"] = retrained["history"]
 
-    model.to(device)
+    if not dispatched:
+        model.to(device)
     t0 = time.perf_counter()
     metrics = evaluation.perplexity(model, ids, config.seqlen, config.windows)
     timings["eval_s"] = time.perf_counter() - t0
@@ -137,19 +155,22 @@ def run_llm(
     device: str | torch.device | None = None,
     save: str | None = None,
     force: bool = False,
+    placement: dict | None = None,
 ) -> dict[str, Any]:
     """Prune, retrain and evaluate one configuration, or reuse its finished record.
 
     ``save`` writes the final model as a Hugging Face checkpoint (this always recomputes, since a
     stored record holds no weights); ``force`` recomputes too. A finished record is replaced only
-    once the new run has finished; a run that fails (e.g. ``Diverged``) writes nothing."""
+    once the new run has finished; a run that fails (e.g. ``Diverged``) writes nothing. ``placement``:
+    ``load_model``'s ``device_map``, ``max_memory`` and ``offload_folder`` for models larger than one
+    device (not part of the record's key: where the weights sit does not change the result)."""
     from .retrain import check_half_precision
 
-    validate(config)
+    validate(config, placement)
     device = resolve_device(device)
     check_half_precision(config.dtype, device)
     store = store if store is not None else ResultStore()
-    return store.run(KIND, config, lambda: _execute(config, device, save), force=force or save is not None)
+    return store.run(KIND, config, lambda: _execute(config, device, save, placement), force=force or save is not None)
 
 
 def describe(config: RunConfig, base: RunConfig | None = None) -> str:

@@ -134,32 +134,237 @@ def embedded_tokenizer():
     return AutoTokenizer.from_pretrained(embedded_checkpoint())
 
 
-def load_model(name: str, *, dtype: str = "float32", device_map: str | dict | None = None):
-    """Load ``(model, tokenizer)`` for an embedded alias, a local folder or a Hugging Face id.
+def model_config(name: str):
+    """The configuration of a model, read without weights: a ``tiny-*`` alias, the embedded model,
+    a local folder (only its ``config.json`` is needed) or a Hugging Face id in the local cache."""
+    from transformers import AutoConfig
 
-    ``tiny-<family>`` builds a random two-block model with the embedded tokenizer (the smoke
-    profile). Unknown names fail before any weights are read.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    name = dryrun.resolve_model(name)  # a dry run loads a tiny checkpoint of the same family
+    name = dryrun.resolve_model(name)  # a dry run reads the config of a tiny checkpoint of the same family
     if name.startswith("tiny-"):
-        tokenizer = embedded_tokenizer()
-        model = tiny_model(name.removeprefix("tiny-"), vocab_size=len(tokenizer))
-        return model.to(_DTYPES[dtype]), tokenizer
+        return tiny_config(name.removeprefix("tiny-"), vocab_size=len(embedded_tokenizer()))
     source = embedded_checkpoint() if name == EMBEDDED else name
     try:
-        AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"unknown model {name!r}: not an embedded alias {known_aliases()}, not a local model folder, and "
             f"not a Hugging Face id available here (offline? set HF_HOME to a cache that has it). Cause: {e}"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], device_map=device_map)
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "float32",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+):
+    """Load ``(model, tokenizer)`` for an embedded alias, a local folder or a Hugging Face id.
+
+    ``tiny-<family>`` builds a random two-block model with the embedded tokenizer (the smoke
+    profile). Unknown names fail before any weights are read.
+
+    ``device_map`` (accelerate's: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a
+    dict from module names to a GPU index, ``cuda:i``, ``cpu`` or ``disk``), with ``max_memory``
+    (per device, e.g. ``{0: "70GiB", "cpu": "200GiB"}``, see :func:`max_memory_for`) spreads a
+    model over GPUs with CPU and disk offload; ``offload_folder`` receives disk-offloaded weights,
+    and the pruning driver writes pruned offloaded weights there. The map is resolved and checked
+    (:func:`resolve_device_map`) before any weights are read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    name = dryrun.resolve_model(name)  # a dry run loads a tiny checkpoint of the same family
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+    resolved = None
+    if device_map is not None:
+        resolved = resolve_device_map(name, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        check_offload_folder(resolved, offload_folder)
+    if name.startswith("tiny-"):
+        tokenizer = embedded_tokenizer()
+        model = tiny_model(name.removeprefix("tiny-"), vocab_size=len(tokenizer)).to(_DTYPES[dtype])
+        if resolved is not None:
+            from accelerate import dispatch_model
+
+            model = dispatch_model(model, resolved, offload_dir=None if offload_folder is None else str(offload_folder))
+            model.hf_device_map = resolved
+        return model, tokenizer
+    model_config(name)  # a clear error for an unknown name before anything else
+    source = embedded_checkpoint() if name == EMBEDDED else name
+    extra = {} if resolved is None else {"device_map": resolved, "offload_folder": offload_folder}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **extra)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model.eval(), tokenizer
+
+
+# --- device maps: GPUs, CPU and disk offload (issue 11) -------------------------------------------
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(value: str | int | float, what: str = "size") -> int:
+    """Bytes of a memory size: ``80GiB`` (2^30), ``80GB`` (10^9, as accelerate reads it), ``512MiB``,
+    ``1.5TiB`` or a plain number of bytes."""
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"{what} must be a positive memory size such as 80GiB, 79GB, 512MiB or a number of bytes, got {value!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def max_memory_for(
+    gpus: int | None = None, gpu_memory: str | int | None = None, cpu_memory: str | int | None = None
+) -> dict | None:
+    """accelerate's ``max_memory`` for a run on this machine: the first ``gpus`` GPUs (default: all
+    visible) with ``gpu_memory`` each (default: what is free), and ``cpu_memory`` for CPU offload
+    beyond which modules go to disk. ``gpus`` above the GPUs present is an error."""
+    if gpus is None and gpu_memory is None and cpu_memory is None:
+        return None
+    present = torch.cuda.device_count()
+    if gpus is not None:
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+            raise ValueError(f"--gpus must be an integer >= 0, got {gpus!r}")
+        if gpus > present:
+            raise ValueError(
+                f"--gpus {gpus} but this machine has {present} visible GPU{'s' if present != 1 else ''} "
+                "(CUDA_VISIBLE_DEVICES limits them); `perp plan --gpus N` plans for GPUs you do not have"
+            )
+    from accelerate.utils import get_max_memory
+
+    count = present if gpus is None else gpus
+    gpu_size = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
+    cpu_size = None if cpu_memory is None else parse_size(cpu_memory, "--cpu-memory")
+    found = get_max_memory()  # what is free on each visible GPU and available on the CPU
+    memory: dict = {i: gpu_size or found[i] for i in range(count)}
+    memory["cpu"] = cpu_size or found["cpu"]
+    return memory
+
+
+def _empty_model(name: str, dtype: str):
+    """The model of ``name`` with every tensor on the meta device (no weights read or allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    model.tie_weights()  # so accelerate's sizing counts a tied head once and keeps it with the embedding
+    return model
+
+
+def _check_device(value, where: str) -> None:
+    present = torch.cuda.device_count()
+    if isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif isinstance(value, (str, torch.device)):
+        text = str(value)
+        if text in ("cpu", "disk"):
+            return
+        if text == "cuda":
+            index = 0
+        elif text.startswith("cuda:") and text[5:].isdigit():
+            index = int(text[5:])
+        else:
+            raise ValueError(
+                f"device_map[{where!r}] = {value!r}: a device must be a GPU index, 'cuda:i', 'cpu' or 'disk'"
+            )
+    else:
+        raise ValueError(f"device_map[{where!r}] = {value!r}: a device must be a GPU index, 'cuda:i', 'cpu' or 'disk'")
+    if index >= present:
+        raise ValueError(f"device_map[{where!r}] = {value!r}, but this machine has {present} visible GPU(s)")
+
+
+def check_device_map(model, device_map: dict) -> None:
+    """Every device is one this machine has, and every tensor of the model, in particular of every
+    decoder block that pruning visits, resolves to a device (an entry for it or for a parent)."""
+    from .adapters import adapter_for
+
+    if not isinstance(device_map, dict) or not device_map:
+        raise ValueError(f"a resolved device_map must be a non-empty dict, got {device_map!r}")
+    for key, value in device_map.items():
+        _check_device(value, key)
+
+    def covered(name: str) -> bool:
+        return "" in device_map or any(name == k or name.startswith(k + ".") for k in device_map)
+
+    adapter = adapter_for(model)
+    for i, block in enumerate(adapter.blocks(model)):
+        prefix = adapter.block_prefix(i)
+        missing = [f"{prefix}.{n}" for n, _ in [*block.named_parameters(), *block.named_buffers()]]
+        missing = [n for n in missing if not covered(n)]
+        if missing:
+            raise ValueError(
+                f"the device_map leaves the pruned block {prefix!r} on no device ({missing[0]!r} has no entry): "
+                f"map {prefix!r} or a parent module to a GPU, 'cpu' or 'disk'"
+            )
+    loose = [n for n, _ in [*model.named_parameters(), *model.named_buffers()] if not covered(n)]
+    if loose:
+        raise ValueError(f"the device_map gives no device to {loose[0]!r} (and {len(loose) - 1} more tensors)")
+
+
+def resolve_device_map(
+    name: str, *, dtype: str = "float32", device_map: str | dict, max_memory: dict | None = None
+) -> dict:
+    """The explicit, checked device map of a model (from its configuration alone): a strategy in
+    ``DEVICE_MAP_STRATEGIES`` is resolved with accelerate under ``max_memory`` (modules beyond the
+    GPUs' and the CPU's budgets go to ``disk``); a dict is checked as it is."""
+    model = _empty_model(name, dtype)
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+        no_split = getattr(model, "_no_split_modules", None) or []
+        if device_map == "sequential":
+            budget = get_max_memory(max_memory)
+        else:
+            budget = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split, dtype=_DTYPES[dtype],
+                low_zero=device_map == "balanced_low_0",
+            )  # fmt: skip
+        device_map = infer_auto_device_map(
+            model, max_memory=budget, no_split_module_classes=no_split, dtype=_DTYPES[dtype]
+        )
+    elif isinstance(device_map, (str, int, torch.device)):
+        _check_device(device_map, "")
+        device_map = {"": device_map}
+    check_device_map(model, device_map)
+    return dict(device_map)
+
+
+def check_offload_folder(device_map: dict, offload_folder: str | os.PathLike | None) -> None:
+    """A map that puts modules on disk needs a writable offload folder (created here)."""
+    disk = [k for k, v in device_map.items() if v == "disk"]
+    if not disk:
+        return
+    if offload_folder is None:
+        raise ValueError(
+            f"the device map puts {len(disk)} modules (e.g. {disk[0]!r}) on disk: pass offload_folder / "
+            "--offload-folder DIR (pruned weights of offloaded blocks are written there; it needs up to the "
+            "model's size in free space)"
+        )
+    try:
+        os.makedirs(offload_folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"offload folder {str(offload_folder)!r} cannot be created: {e}") from None
+    if not os.access(offload_folder, os.W_OK):
+        raise ValueError(f"offload folder {str(offload_folder)!r} is not writable")
+
+
+def offloads(device_map: dict) -> list[str]:
+    """The modules of a resolved map whose weights live off the GPUs between forwards: ``disk``
+    always, ``cpu`` when the map also uses a GPU (then the CPU is accelerate's offload store)."""
+    gpu = any(v not in ("cpu", "disk") for v in device_map.values())
+    return [k for k, v in device_map.items() if v == "disk" or (gpu and v == "cpu")]
 
 
 def context_length(model) -> int:

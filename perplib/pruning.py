@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import adapter_for, capture_block_inputs, run_block
+from . import offload
+from .adapters import adapter_for, capture_block_inputs, run_block, to_device
 from .config import PRUNE_SCOPES
 from .criteria import column_norms, hessian, magnitude_scores, select, sparsegpt_prune, wanda_scores
 from .sparsity import Sparsity
@@ -148,7 +149,7 @@ def _sync(device: torch.device) -> None:
 
 def _default_device(model: nn.Module) -> torch.device:
     """Where the model already is if that is a GPU, else the first GPU, else the CPU."""
-    home = next(model.parameters()).device
+    home = offload.input_device(model)
     return home if home.type == "cuda" or not torch.cuda.is_available() else torch.device("cuda")
 
 
@@ -198,26 +199,32 @@ def prune_(
     start = time.perf_counter()
     nothing_to_do = not sp.is_nm and sp.ratio == 0
 
+    zeros: dict[str, int] = {}  # per layer, counted while its block is materialised
     if nothing_to_do:
-        pass
+        for i, block in enumerate(adapter.blocks(model)):
+            with offload.materialized(block, offload.processing_device(block, device)):
+                _count_zeros(block, adapter.block_prefix(i), zeros)
     elif method == "magnitude":
         t = time.perf_counter()
-        for lin in linears.values():
-            w = lin.weight.data
-            mask = select(magnitude_scores(w.to(device)), sp, per_row=per_row)
-            w.mul_(mask.to(w.device))
+        for i, block in enumerate(adapter.blocks(model)):  # one block at a time: offloaded models too
+            with offload.materialized(block, offload.processing_device(block, device), write_back=True):
+                for lin in block.modules():
+                    if isinstance(lin, nn.Linear):
+                        lin.weight.data.mul_(select(magnitude_scores(lin.weight.data), sp, per_row=per_row))
+                _count_zeros(block, adapter.block_prefix(i), zeros)
         _sync(device)
         timings["solve"] = time.perf_counter() - t
     else:
-        _prune_calibrated(model, adapter, method, sp, per_row, calib, device, batch_size, blocksize, percdamp, timings)
+        _prune_calibrated(
+            model, adapter, method, sp, per_row, calib, device, batch_size, blocksize, percdamp, timings, zeros
+        )
 
     timings["total"] = time.perf_counter() - start
     layers = {}
     pruned = prunable = 0
     for name, lin in linears.items():
-        zeros = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
-        layers[name] = zeros / lin.weight.numel()
-        pruned += zeros
+        layers[name] = zeros[name] / lin.weight.numel()
+        pruned += zeros[name]
         prunable += lin.weight.numel()
     return PruneReport(
         method=method,
@@ -234,7 +241,15 @@ def prune_(
     )
 
 
-def _prune_calibrated(model, adapter, method, sp, per_row, calib, device, batch_size, blocksize, percdamp, timings):
+def _count_zeros(block: nn.Module, prefix: str, zeros: dict[str, int]) -> None:
+    for name, lin in block.named_modules():
+        if isinstance(lin, nn.Linear):
+            zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
+
+
+def _prune_calibrated(
+    model, adapter, method, sp, per_row, calib, device, batch_size, blocksize, percdamp, timings, zeros
+):
     full = method == "sparsegpt"
     t = time.perf_counter()
     inputs = capture_block_inputs(model, list(calib.split(batch_size)), device)
@@ -242,15 +257,19 @@ def _prune_calibrated(model, adapter, method, sp, per_row, calib, device, batch_
     timings["capture"] += time.perf_counter() - t
 
     blocks = adapter.blocks(model)
+    here = device
     for i, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        try:
+        # a block a device map put on another GPU is processed there; offloaded blocks visit `device`
+        at = offload.processing_device(block, device)
+        if at != here:
+            for inp in inputs:
+                inp.hidden, inp.kwargs = inp.hidden.to(at), to_device(inp.kwargs, at)
+            here = at
+        with offload.materialized(block, at, write_back=True):
             # nothing reads the last block's outputs: no propagation after it
             last = i == len(blocks) - 1
-            _prune_block(block, inputs, full, sp, per_row, device, blocksize, percdamp, timings, propagate=not last)
-        finally:
-            block.to(home)
+            _prune_block(block, inputs, full, sp, per_row, at, blocksize, percdamp, timings, propagate=not last)
+            _count_zeros(block, adapter.block_prefix(i), zeros)
 
 
 def _prune_block(block, inputs, full, sp, per_row, device, blocksize, percdamp, timings, propagate=True) -> None:

@@ -382,7 +382,8 @@ def train_(
     enforced = []
     for name, mask in (masks or {}).items():
         module = layers[name].get_base_layer() if name in layers else modules[name]
-        enforced.append((module.weight, mask.to(device).view(torch.uint8)))  # multiplying: ~25x masked_fill_
+        # beside its weight (a device map may spread layers over GPUs); multiplying: ~25x masked_fill_
+        enforced.append((module.weight, mask.to(module.weight.device).view(torch.uint8)))
     use_cache = getattr(model.config, "use_cache", None)
     start = time.perf_counter()
     trained_s, loss_value = 0.0, float("nan")
@@ -558,7 +559,8 @@ def retrain_(
             seed=config.seed + TRAIN_SEED_OFFSET, split="train",
         )  # fmt: skip
     before = {n: m.weight for n, m in prunable_linears(model).items()}
-    zero_before = {n: (w == 0).clone() for n, w in before.items()}
+    # kept in host memory: one byte per prunable weight next to the model would not fit (OPT-30B: 27.6 GiB)
+    zero_before = {n: (w == 0).cpu() for n, w in before.items()}
     sparsity_before = prunable_sparsity(model)
 
     torch.manual_seed(config.seed)  # LoRA initialisation
@@ -583,7 +585,7 @@ def retrain_(
     for p in model.parameters():
         p.requires_grad_(False)
     after = {n: m.weight for n, m in prunable_linears(model).items()}
-    lost = [n for n, z in zero_before.items() if not bool((after[n][z] == 0).all())]
+    lost = [n for n, z in zero_before.items() if not bool((after[n][z.to(after[n].device)] == 0).all())]
     if lost:
         raise AssertionError(f"pruned weights became non-zero in {lost[:3]}: the mask was not enforced")
     kind = config.lora if uses_lora(config) else None
