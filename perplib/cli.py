@@ -247,7 +247,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if "sparsity_merged" in m:
         kind = f"{m['lora_kind']} LoRA" if m.get("lora_kind") else "no LoRA"
         print(f"retrained {config.retrain} ({kind}, {config.steps} steps): sparsity of the prunable layers "
-              f"{m['sparsity_before']:.4f} before, {m['sparsity_trained']:.4f} after training, "
+              f"{m['sparsity_before']:.4f} before; after training {m['sparsity_effective']:.4f} of the weights "
+              f"computed with, {m['sparsity_with_adapters']:.4f} of storage with adapters; "
               f"{m['sparsity_merged']:.4f} after merging")  # fmt: skip
 
 

@@ -135,8 +135,8 @@ def _execute(
         metrics["sparsity"] = out["prune"].get("sparsity")
     if config.eval_every and out.get("history"):
         out["history"][-1]["perplexity"] = metrics["perplexity"]
-    for key in ("lora_kind", "trainable_params", "trainable_share", "sparsity_before", "sparsity_trained",
-                "sparsity_merged", "train_loss", "train_tokens_per_s"):  # fmt: skip
+    for key in ("lora_kind", "trainable_params", "trainable_share", "sparsity_before", "sparsity_effective",
+                "sparsity_with_adapters", "sparsity_merged", "train_loss", "train_tokens_per_s"):  # fmt: skip
         if key in out.get("retrain", {}):
             metrics[key] = out["retrain"][key]
     if save:
