@@ -247,7 +247,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if "sparsity_merged" in m:
         kind = f"{m['lora_kind']} LoRA" if m.get("lora_kind") else "no LoRA"
         print(f"retrained {config.retrain} ({kind}, {config.steps} steps): sparsity of the prunable layers "
-              f"{m['sparsity_before']:.4f} before, {m['sparsity_trained']:.4f} after training, "
+              f"{m['sparsity_before']:.4f} before; after training {m['sparsity_effective']:.4f} of the weights "
+              f"computed with, {m['sparsity_with_adapters']:.4f} of storage with adapters; "
               f"{m['sparsity_merged']:.4f} after merging")  # fmt: skip
 
 
@@ -277,7 +278,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--head", default=DEFAULTS.head, choices=cfg.HEAD_MODES, help="the head trains through LoRA or fully"
     )
-    g.add_argument("--seqlen", type=int, help="tokens per sequence (default: the model's context length, as the paper)")
+    g.add_argument(
+        "--seqlen",
+        type=int,
+        help="tokens per sequence (default: the model's context capped at 4096, as a run with seqlen null)",
+    )
     g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="micro-batch in sequences (default 2)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
     g = p.add_argument_group("pruning step (block by block, one GPU)")

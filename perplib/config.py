@@ -68,7 +68,10 @@ class RunConfig:
     scope: str = field(default="auto", metadata={"help": "compare scores per output row or per matrix"})
     calib: str = field(default="wiki-vital", metadata={"help": "calibration text source"})
     nsamples: int = field(default=128, metadata={"help": "calibration windows"})
-    seqlen: int = field(default=512, metadata={"help": "tokens per calibration/training/eval window"})
+    seqlen: int | None = field(
+        default=512,
+        metadata={"help": "tokens per calibration/training/eval window (None: the model's context, capped at 4096)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed for sampling and training"})
     # retraining (Section 3.1, 3.2, Appendix A)
     retrain: str = field(default="none", metadata={"help": "preset or '+'-joined parameter groups"})
@@ -99,8 +102,10 @@ class RunConfig:
         if self.prune != "none":
             # normalise '50%' / 0.5 / '0.50' to one spelling so records key identically
             object.__setattr__(self, "sparsity", str(Sparsity.parse(self.sparsity)))
-        for name in ("nsamples", "seqlen", "batch_size", "grad_accum", "lora_rank"):
+        for name in ("nsamples", "batch_size", "grad_accum", "lora_rank"):
             _positive(name, getattr(self, name))
+        if self.seqlen is not None:  # None: resolved to the model's context before the record key is built
+            _positive("seqlen", self.seqlen)
         _positive("steps", self.steps, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         if self.windows is not None:

@@ -66,9 +66,13 @@ def column_norms(sum_sq: torch.Tensor) -> torch.Tensor:
 
 
 def hessian(xtx: torch.Tensor, n: int) -> torch.Tensor:
-    """SparseGPT's layer Hessian ``H = 2 X X^T / n`` from the streamed sum ``X X^T`` over ``n`` tokens."""
+    """SparseGPT's layer Hessian ``H = 2 X X^T / n`` from the streamed sum ``X X^T`` over every
+    calibration token, normalised by the number ``n`` of calibration *sequences*, as the reference
+    code's running ``H *= n/(n+b); X *= sqrt(2/n)`` per batch of ``b`` sequences amounts to. The scale
+    matters: dead input features get ``H_jj = 1`` and the damping is 1% of the mean diagonal, so
+    dividing by tokens instead changes the masks of layers with dead inputs (OPT's fc2 after ReLU)."""
     if n < 1:
-        raise ValueError(f"the Hessian needs at least one calibration token, got n={n}")
+        raise ValueError(f"the Hessian needs at least one calibration sequence, got n={n}")
     return xtx * (2.0 / n)
 
 

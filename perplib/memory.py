@@ -88,6 +88,14 @@ def _default_lora_targets() -> str | None:
     return getattr(RunConfig(), "lora_targets", None)
 
 
+def run_seqlen(seqlen: int | None, context: int | None) -> int:
+    """The sequence length a run uses: ``seqlen``, or the model's context capped at 4096 as a run
+    with ``seqlen=None`` resolves it (:func:`perplib.experiments.context_seqlen`)."""
+    from .experiments import SEQLEN_CAP
+
+    return seqlen or (min(context, SEQLEN_CAP) if context else 2048)
+
+
 @dataclass(frozen=True)
 class PlanSpec:
     """What to plan for; defaults are the paper's LLM setting (Section 2.3, Appendix A)."""
@@ -532,7 +540,7 @@ def _train_units(spec: PlanSpec, shape: Shape, act: Activations, groups: tuple[s
     transients (logits on the head's device, workspace on every device)."""
     w = _BYTES[spec.dtype]
     half = spec.dtype != "float32"
-    seqlen = spec.seqlen or shape.context or 2048
+    seqlen = run_seqlen(spec.seqlen, shape.context)
     tokens = spec.batch_size * seqlen
     training = bool(groups)
 
@@ -646,7 +654,7 @@ def plan_prune(spec: PlanSpec) -> PrunePlan:
     shape = model_shape(spec, (), "plain")
     act = activation_profile(spec, (), "plain")
     w = _BYTES[spec.dtype]
-    seqlen = spec.seqlen or shape.context or 2048
+    seqlen = run_seqlen(spec.seqlen, shape.context)
     h = shape.hidden
     block = max(shape.blocks, key=lambda b: b.frozen + b.trained)
     from .adapters import adapter_for
@@ -704,7 +712,7 @@ class Plan:
 
     @property
     def seqlen(self) -> int:
-        return self.spec.seqlen or self.shape.get("context") or 2048
+        return run_seqlen(self.spec.seqlen, self.shape.get("context"))
 
 
 def _gib(n: int) -> str:
@@ -745,7 +753,7 @@ def estimate(spec: PlanSpec, compare: tuple[str, ...] = ("perp", "full", "ln", "
         methods[f"{spec.retrain} ({other})"] = plan_method(spec, spec.retrain, other)
     prune = plan_prune(spec)
     shape = model_shape(spec, (), "plain")
-    seqlen = spec.seqlen or context or 2048
+    seqlen = run_seqlen(spec.seqlen, context)
     head = f"{_short(spec.model)}, {spec.dtype}, seqlen {seqlen}, batch {spec.batch_size}" + (
         ", checkpointing" if spec.grad_checkpointing else ""
     )

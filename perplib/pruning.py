@@ -12,6 +12,7 @@ activations and statistics exist at a time; the model may stay on the CPU while 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -88,12 +89,14 @@ class _InputStats:
 
     def __init__(self, width: int, device: torch.device, full: bool, chunks: int | None = None) -> None:
         self.n = 0
+        self.sequences = 0  # calibration sequences seen: SparseGPT's Hessian is normalised by them
         self.full = full
         self.acc = torch.zeros((width, width) if full else (width,), dtype=torch.float32, device=device)
         chunks = chunks if chunks is not None else (4 if width >= 512 else 1)
         self.bounds = [(i * width) // chunks for i in range(chunks + 1)]
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, sequences: int) -> None:
+        self.sequences += sequences
         x = x.reshape(-1, x.shape[-1]).float()
         self.n += x.shape[0]
         if not self.full:
@@ -116,6 +119,7 @@ def _collect(
     accumulator, so each distinct input is reduced once."""
     stats: dict[str, _InputStats] = {}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, owner)
+    batch = [0]  # sequences in the block input being run (a layer may see them flattened)
 
     def hook(name: str) -> Callable:
         def fn(_module, args):
@@ -127,13 +131,14 @@ def _collect(
             seen[id(x)] = (x, name)
             if name not in stats:
                 stats[name] = _InputStats(x.shape[-1], device, full)
-            stats[name].add(x)
+            stats[name].add(x, batch[0])
 
         return fn
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
         for inp in inputs:
+            batch[0] = inp.hidden.shape[0]
             run_block(block, inp)
             seen.clear()
     finally:
@@ -153,6 +158,24 @@ def _default_device(model: nn.Module) -> torch.device:
     return home if home.type == "cuda" or not torch.cuda.is_available() else torch.device("cuda")
 
 
+def _in_eval_mode(fn: Callable) -> Callable:
+    """Run ``fn(model, ...)`` with every module in eval mode (calibration without dropout: OPT has
+    0.1), then give each module back its own previous mode."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return wrapper
+
+
+@_in_eval_mode
 @torch.no_grad()
 def prune_(
     model: nn.Module,
@@ -173,7 +196,8 @@ def prune_(
     [0, 1) or ``N:M``. ``scope``: compare scores per output ``row``, per ``matrix``, or ``auto``
     (each criterion's reference default). ``device``: where each block is processed (default:
     CUDA when available); the model itself stays where it is. SparseGPT: ``blocksize`` columns
-    per OBS block, damping ``percdamp`` x mean diagonal of ``H = 2XX^T/n``.
+    per OBS block, damping ``percdamp`` x mean diagonal of ``H = 2XX^T/n`` (``n`` calibration
+    sequences). Calibration runs in eval mode; every module's mode is restored afterwards.
     """
     # ---- validate everything before any heavy work
     if method not in METHODS:
@@ -286,7 +310,7 @@ def _prune_block(block, inputs, full, sp, per_row, device, blocksize, percdamp, 
             raise RuntimeError(f"layer {name} of a decoder block was not called during the block's forward pass")
         s, w = stats[name], lin.weight.data
         if full:
-            w_new, _ = sparsegpt_prune(w, hessian(s.value(), s.n), sp, blocksize, percdamp, per_row=per_row)
+            w_new, _ = sparsegpt_prune(w, hessian(s.value(), s.sequences), sp, blocksize, percdamp, per_row=per_row)
             w.copy_(w_new)
         else:
             w.mul_(select(wanda_scores(w, column_norms(s.value())), sp, per_row=per_row))

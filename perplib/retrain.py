@@ -197,6 +197,26 @@ def prunable_sparsity(model: nn.Module, include_lora: bool = True) -> float:
     return zeros / stored if stored else 0.0
 
 
+@torch.no_grad()
+def effective_sparsity(model: nn.Module) -> float:
+    """Zeros of the weights the prunable layers compute with, as a share of those weights: ``W``,
+    or ``W + ΔW`` while a LoRA update ``ΔW`` is attached unmerged. Masked LoRA's ``ΔW = M ⊙ sBA``
+    keeps every zero of ``W``; plain LoRA's ``sBA`` fills them wherever it reaches. Counted in fp32,
+    one layer at a time."""
+    layers = lora_layers(model)
+    zeros = total = 0
+    for name, module in prunable_linears(model).items():
+        w = module.weight
+        layer = layers.get(name)
+        if layer is not None and not layer.merged and not layer.disable_adapters:
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    w = w.float() + layer.get_delta_weight(adapter).to(w.device, torch.float32)
+        zeros += w.numel() - int(torch.count_nonzero(w))
+        total += w.numel()
+    return zeros / total if total else 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedule and loop
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +566,10 @@ def retrain_(
     Training windows come from ``config.train`` (unless ``windows`` is given). Masked LoRA is merged
     at the end (every zero kept); plain LoRA stays unmerged. With ``eval_every > 0`` and
     ``eval_ids``, the held-out perplexity is tracked (Figure 3). Returns ``metrics`` (trainable
-    share, sparsity before / after training / after merging, LoRA kind, final loss), ``timings``
+    share, sparsity before training, ``sparsity_effective`` (of the weights the layers compute with
+    after training: masked LoRA keeps every zero, plain LoRA's ``W + sBA`` is dense where it
+    reaches), ``sparsity_with_adapters`` (storage, unmerged adapters counted) and
+    ``sparsity_merged`` (storage after merging masked LoRA), LoRA kind, final loss), ``timings``
     and ``history``, to be merged into the run's record. Raises ``Diverged`` on a NaN/inf loss,
     gradient norm or tracked perplexity.
     """
@@ -578,7 +601,8 @@ def retrain_(
         progress=progress,
     )  # fmt: skip
     retrain_s = time.perf_counter() - t0
-    sparsity_trained = prunable_sparsity(model)
+    sparsity_effective = effective_sparsity(model)
+    sparsity_with_adapters = prunable_sparsity(model)
     t1 = time.perf_counter()
     merged = merge_(model) if config.lora == "masked" and lora_layers(model) else []
     merge_s = time.perf_counter() - t1
@@ -599,7 +623,8 @@ def retrain_(
         "lora_params": lora_params,
         "head_untied": trainable.head_untied,
         "sparsity_before": sparsity_before,
-        "sparsity_trained": sparsity_trained,
+        "sparsity_effective": sparsity_effective,
+        "sparsity_with_adapters": sparsity_with_adapters,
         "sparsity_merged": prunable_sparsity(model),
         "lora_merged": bool(merged),
         "retrain_steps": result["steps"],

@@ -206,3 +206,45 @@ def test_sparsegpt_keeps_dtype_and_input():
     W0 = W.clone()
     W_new, _ = sparsegpt_prune(W, torch.eye(8) * 3, "2:4")
     assert W_new.dtype == torch.bfloat16 and torch.equal(W, W0)
+
+
+def reference_sparsegpt_hessian(sequences: torch.Tensor) -> torch.Tensor:
+    """Transcription of the reference code's accumulation, one calibration sequence per call (its
+    batch size): ``H *= n/(n+b); n += b; X *= sqrt(2/n); H += X Xᵀ``."""
+    import math
+
+    cols = sequences.shape[-1]
+    H, n = torch.zeros(cols, cols), 0
+    for seq in sequences:
+        inp = seq.unsqueeze(0)
+        tmp = inp.shape[0]
+        inp = inp.reshape(-1, cols).t().float()
+        H *= n / (n + tmp)
+        n += tmp
+        inp = math.sqrt(2 / n) * inp
+        H += inp.matmul(inp.t())
+    return H
+
+
+def test_sparsegpt_hessian_per_sequence_as_reference_with_dead_inputs():
+    """OPT's fc2 reads a ReLU: features that never fire have H_jj = 0, get the placeholder 1, and
+    the 1% damping of the mean diagonal then depends on how H is normalised. perplib's streamed
+    H = 2·XᵀX / sequences equals the reference's running form, and so do the masks and weights;
+    normalising by tokens (the old way) gives other unstructured masks on the same layer."""
+    g = torch.Generator().manual_seed(7)
+    nseq, seqlen, cols = 6, 32, 48
+    X = 0.1 * torch.relu(torch.randn(nseq, seqlen, cols, generator=g))  # small activations, as fc2's
+    X[..., ::3] = 0  # a third of the features never fire
+    W = torch.randn(24, cols, generator=g)
+    flat = X.reshape(-1, cols)
+    H = hessian(flat.T @ flat, n=nseq)
+    ref = reference_sparsegpt_hessian(X)
+    torch.testing.assert_close(H, ref, rtol=1e-5, atol=1e-5)
+    for sp in ("0.5", "2:4"):
+        ours, mask = sparsegpt_prune(W, H, sp, blocksize=16)
+        theirs, ref_mask = sparsegpt_prune(W, ref, sp, blocksize=16)
+        assert torch.equal(mask, ref_mask), sp
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # normalising by tokens instead changes the unstructured masks of this layer
+    _, per_token = sparsegpt_prune(W, hessian(flat.T @ flat, n=flat.shape[0]), "0.5", blocksize=16)
+    assert not torch.equal(per_token, sparsegpt_prune(W, ref, "0.5", blocksize=16)[1])

@@ -49,3 +49,14 @@ def test_bad_sources_fail_early(tmp_path):
         data.documents("wiki-vital", "test")
     with pytest.raises(ValueError, match="nsamples must be"):
         data.sample_windows(None, "wiki-vital", 0, 16)
+
+
+def test_c4_evaluation_is_capped_at_256_windows(monkeypatch, tokenizer):
+    """C4 validation perplexity over its first 256 x seqlen tokens, as the reference code; other
+    sources are used whole."""
+    stream = torch.arange(300 * 16)
+    monkeypatch.setattr(data, "_stream", lambda tok, source, split: stream)
+    assert torch.equal(data.eval_ids(tokenizer, "c4", seqlen=16), stream[: 256 * 16])
+    assert data.eval_ids(tokenizer, "c4", seqlen=8).numel() == 256 * 8
+    assert data.eval_ids(tokenizer, "c4").numel() == stream.numel()
+    assert data.eval_ids(tokenizer, "wikitext2", seqlen=16).numel() == stream.numel()

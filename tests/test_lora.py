@@ -90,6 +90,72 @@ def test_masked_function_matches_dense_autograd():
     torch.testing.assert_close(ours[3], 1.5 * (gw * mask) @ a0.t())
 
 
+def _small_update_case(out=96, inp=256, tokens=256):
+    """A half-pruned bf16-exact W with |W| in [1, 2) (one binade: spacing 2⁻⁷), and rank-1 A, B of
+    ±1 entries with s = 2⁻¹⁰: every entry of the update M ⊙ sBA is ±2⁻¹⁰, below half the spacing,
+    so bf16(W + M ⊙ sBA) = W exactly."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(out, inp, generator=g) > 0.5
+    w = (torch.randn(out, inp, generator=g).sign() * (1 + torch.rand(out, inp, generator=g)) * mask).bfloat16().float()
+    a, b = torch.randn(1, inp, generator=g).sign(), torch.randn(out, 1, generator=g).sign()
+    x = torch.randn(2, tokens // 2, inp, generator=g)
+    return x, w, mask, a, b, 2.0**-10
+
+
+def _slope(change: torch.Tensor, reference: torch.Tensor) -> float:
+    """Least-squares slope of an output change on the fp32 output change (1: the update fully arrives)."""
+    change, reference = change.double().flatten(), reference.double().flatten()
+    return float((change @ reference) / (reference @ reference))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_masked_small_update_reaches_the_output_in_bf16(autocast):
+    """An update of ~2⁻¹⁰·|W| changes the bf16 output as it changes the fp32 one; bf16(W + M⊙sBA)
+    would round it away entirely (the oracle below shows that form gives ~0)."""
+    x, w, mask, a, b, s = _small_update_case()
+    fp32 = lora.masked_lora_linear(x, w, None, a, b, mask, s) - x @ w.t()  # the change in fp32
+    xh, wh = (x, w) if autocast else (x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with_update = lora.masked_lora_linear(xh, wh, None, a, b, mask, s)
+        without = lora.masked_lora_linear(xh, wh, None, a, torch.zeros_like(b), mask, s)
+    assert with_update.dtype == torch.bfloat16
+    assert 0.9 < _slope(with_update - without, fp32) < 1.1
+    rounded = torch.nn.functional.linear(xh.bfloat16(), (wh.float() + s * (b @ a) * mask).bfloat16())
+    assert torch.equal(rounded, xh.bfloat16() @ wh.bfloat16().t())  # the form this replaces loses it all
+
+
+def test_masked_bf16_gradients_match_fp64():
+    x0, w, mask, a0, b0, s = _small_update_case(out=32, inp=48, tokens=16)
+    s = 0.5  # an ordinary update size: gradients, not rounding, are under test here
+    bias = torch.randn(32)
+    upstream = torch.randn(2, 8, 32)
+
+    def run(dtype):
+        x, a, b = (t.clone().to(dtype if t is x0 else torch.float32).requires_grad_() for t in (x0, a0, b0))
+        out = lora.masked_lora_linear(x, w.to(dtype), bias.to(dtype), a, b, mask, s)
+        out.backward(upstream.to(dtype))
+        return [t.double() for t in (out.detach(), x.grad, a.grad, b.grad)]
+
+    for mine, ref in zip(run(torch.bfloat16), run(torch.float64), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=3e-2, atol=3e-2 * float(ref.abs().mean()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_merge_in_bf16_keeps_every_zero(family):
+    model = pruned(family).to(torch.bfloat16)
+    zeros = {n: m.weight == 0 for n, m in adapter_for(model).prunable(model).items()}
+    torch.manual_seed(0)
+    lora.add_lora_(model, lora.LoraSpec(kind="masked", rank=2, init="random"), targets(model), unmasked=["lm_head"])
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+    lora.merge_(model)
+    for name, module in adapter_for(model).prunable(model).items():
+        # every zero stays (a kept weight may round to 0 in bf16 when the update cancels it)
+        assert module.weight.dtype == torch.bfloat16 and bool((module.weight[zeros[name]] == 0).all()), name
+    with torch.no_grad():
+        assert model(IDS).logits.isfinite().all() and unmerged.isfinite().all()
+
+
 # --- layers on tiny models ----------------------------------------------------------------------
 
 

@@ -170,3 +170,11 @@ def test_estimate_within_25_percent_of_the_measured_peak(tmp_path):
                     "full,perp-masked", "--checkpointing", "off", "--threads", "1", "--json", str(out)], check=True)  # fmt: skip
     for row in json.loads(out.read_text())["rows"]:
         assert 0.75 <= row["ratio"] <= 1.25, row
+
+
+def test_default_seqlen_is_what_a_run_resolves(tmp_path):
+    """No --seqlen: the model's context capped at 4096, as experiments.resolve does for seqlen None."""
+    folder = _folder(tmp_path, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=100, max_position_embeddings=32768)  # fmt: skip
+    assert estimate(PlanSpec(model=folder, dtype="float32"), compare=()).seqlen == 4096
+    assert estimate(PlanSpec(model=folder, dtype="float32", seqlen=512), compare=()).seqlen == 512

@@ -90,3 +90,39 @@ def test_embedded_checkpoint_reproduces_gguf_logits():
     ids = tokenizer("Pruning removes weights; retraining restores accuracy.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
+
+
+def test_seqlen_none_is_the_models_context_resolved_before_the_key(tmp_path, monkeypatch):
+    """The paper profile's ``seqlen: null``: each model's context ("context-length sequences"),
+    capped at 4096 as the PERP code; the record is keyed by the length actually used."""
+    from types import SimpleNamespace
+
+    from perplib import experiments, models
+    from perplib.results import ResultStore
+
+    assert RunConfig(seqlen=None).seqlen is None
+    with pytest.raises(ValueError, match="seqlen must be an integer >= 1"):
+        RunConfig(seqlen=0)
+    assert experiments.context_seqlen("tiny-llama") == 512  # tiny configs: max_position_embeddings 512
+    store = ResultStore(tmp_path)
+    record = experiments.run_llm(RunConfig(model="tiny-llama", seqlen=None, windows=1), store)
+    assert record["config"]["seqlen"] == 512 and record["metrics"]["tokens"] == 512
+    again = experiments.run_llm(RunConfig(model="tiny-llama", seqlen=512, windows=1), store)
+    assert again.get("reused") and again["key"] == record["key"]
+    for context, expected in [(2048, 2048), (4096, 4096), (32768, 4096)]:  # OPT, LLaMA-2, Mistral
+        monkeypatch.setattr(models, "model_config", lambda name, c=context: SimpleNamespace(max_position_embeddings=c))
+        assert experiments.resolve(RunConfig(model="org/m", seqlen=None)).seqlen == expected
+        assert experiments.resolve(RunConfig(model="org/m", seqlen=128)).seqlen == 128
+    monkeypatch.setattr(models, "model_config", lambda name: SimpleNamespace())
+    with pytest.raises(ValueError, match="config of 'org/m' does not say it"):
+        experiments.resolve(RunConfig(model="org/m", seqlen=None))
+
+
+def test_paper_profile_llm_settings():
+    """Paper profile: context-length sequences per model, Section 3.3 Wanda scores per matrix as the
+    PERP code (the records then say scope 'matrix')."""
+    from perplib.reproduce import load_profile
+
+    profile = load_profile("paper")
+    assert profile["common"]["seqlen"] is None
+    assert profile["33_magnitude_llms"]["scope"] == "matrix"

@@ -51,7 +51,8 @@ def naive_prune(model, method: str, spec: str, ids: torch.Tensor, per_row: bool)
             if method == "wanda":
                 W.mul_(make_mask(wanda_scores(W, X.square().sum(0).sqrt().float()), sp, per_row=per_row))
             else:
-                W.copy_(sparsegpt_prune(W, hessian((X.T @ X).float(), X.shape[0]), sp, per_row=per_row)[0])
+                # normalised by calibration sequences, as the reference code
+                W.copy_(sparsegpt_prune(W, hessian((X.T @ X).float(), ids.shape[0]), sp, per_row=per_row)[0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,9 +214,9 @@ def test_streamed_statistics_equal_one_shot(chunks):
     X = torch.cat([x.reshape(-1, 30) for x in xs])
     full, diag = _InputStats(30, torch.device("cpu"), True, chunks), _InputStats(30, torch.device("cpu"), False)
     for x in xs:
-        full.add(x)
-        diag.add(x)
-    assert full.n == diag.n == 42
+        full.add(x, x.shape[0])
+        diag.add(x, x.shape[0])
+    assert full.n == diag.n == 42 and full.sequences == diag.sequences == 6
     assert torch.allclose(full.value(), X.T @ X, atol=1e-4)
     assert torch.allclose(diag.value(), X.square().sum(0), atol=1e-4)
 
@@ -295,3 +296,32 @@ def test_embedded_model_end_to_end():
         ppl[method] = perplexity(model, ids, 128, windows=8)["perplexity"]
     assert dense < ppl["sparsegpt"] < ppl["magnitude"], (dense, ppl)
     assert dense < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
+
+
+def test_sparsegpt_hessian_is_normalised_by_calibration_sequences(monkeypatch):
+    """Every layer's Hessian is divided by the 6 calibration sequences (batches of 4 + 2), not by
+    their 6 x 24 tokens, as the reference code's running normalisation."""
+    from perplib import pruning
+
+    seen = []
+    monkeypatch.setattr(pruning, "hessian", lambda xtx, n: seen.append(n) or hessian(xtx, n))
+    model = tiny_model("opt")
+    prune_(model, "sparsegpt", "0.5", calib(), batch_size=4)
+    assert seen and set(seen) == {6}
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_runs_in_eval_mode_and_restores_every_mode(method):
+    """OPT has dropout 0.1: a model handed over in train mode is calibrated without dropout (the
+    same weights as from eval mode), and every module gets its own mode back."""
+    ref = tiny_model("opt")
+    assert ref.config.dropout > 0
+    prune_(ref, method, "0.5", calib())
+    model = tiny_model("opt").train()
+    fc1 = model.model.decoder.layers[0].fc1.eval()  # a module whose mode differs from its parent's
+    torch.manual_seed(0)
+    prune_(model, method, "0.5", calib())
+    assert model.training and model.model.decoder.layers[0].training and not fc1.training
+    assert all(m.training for m in model.modules() if m is not fc1)
+    for name, w in weights(ref).items():
+        assert torch.equal(weights(model)[name], w), name

@@ -206,11 +206,28 @@ def test_retrain_accounting(kind):
     assert m["total_params"] == total and m["trainable_share"] == pytest.approx(sum(counts.values()) / total)
     prunable = sum(mod.weight.numel() for mod in adapter_for(model).prunable(pruned("opt")).values())
     assert m["sparsity_before"] == 0.5
-    assert m["sparsity_trained"] == pytest.approx(0.5 * prunable / (prunable + counts["lora"]))
+    assert "sparsity_trained" not in m  # replaced by the two fields below, which say what they count
+    # storage with the unmerged adapters counted: the LoRA matrices are stored parameters
+    assert m["sparsity_with_adapters"] == pytest.approx(0.5 * prunable / (prunable + counts["lora"]))
     if kind == "masked":
+        # the weights computed with are W + M ⊙ sBA: every zero kept, exactly sparsity_before
+        assert m["sparsity_effective"] == m["sparsity_before"] == 0.5
         assert m["lora_merged"] and m["sparsity_merged"] == 0.5 and not lora.lora_layers(model)
     else:
-        assert not m["lora_merged"] and m["sparsity_merged"] == m["sparsity_trained"] and lora.lora_layers(model)
+        assert not m["lora_merged"] and m["sparsity_merged"] == m["sparsity_with_adapters"]
+        layers = lora.lora_layers(model)
+        assert layers
+        # independent count: W + s·B·A of every prunable layer, dense wherever the adapter reaches
+        zeros = total = 0
+        for name, mod in retrain.prunable_linears(model).items():
+            w = mod.weight.float()
+            if name in layers:
+                a, b = layers[name].lora_A["default"].weight, layers[name].lora_B["default"].weight
+                w = w + layers[name].scaling["default"] * (b.float() @ a.float())
+            zeros += int((w == 0).sum())
+            total += w.numel()
+        assert m["sparsity_effective"] == pytest.approx(zeros / total, abs=1e-12)
+        assert m["sparsity_effective"] < 0.1  # trained B·A fills the zeros it reaches
     assert m["retrain_steps"] == 3 and m["train_tokens"] == 3 * 2 * 2 * 16
     assert m["train_tokens_per_s"] > 0 and t["train_s"] > 0 and len(out["history"]) == 3
     assert not any(p.requires_grad for p in model.parameters())
