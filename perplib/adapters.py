@@ -69,6 +69,88 @@ FAMILIES: dict[str, ModelAdapter] = {
 }
 
 
+# --- LoRA target sets (Section 3.1; issue 15) -----------------------------------------------------
+# Which prunable layers get LoRA. Sets are found by role inside each block's attention module (its
+# linear layers' own names: q/k/v projections, output projection), so they work for any family.
+#   qv        the query and value projections ("rank 16 for each attention matrix" with q,v: the
+#             paper's "% trainable" column for OPT, e.g. 0.35% on OPT-1.3B, 0.09% on OPT-30B)
+#   attention every linear layer of the attention module (q, k, v, output; a fused qkv included)
+#   all       every prunable linear layer of the blocks (the released PERP code's target list)
+#   paper     the set that reproduces the paper's "% trainable" column for the model's family
+#             (PAPER_LORA_SETS; every other family: all, which gives LLaMA-2's 0.60/0.49/0.30%
+#             and Mistral-7B's 0.59%)
+PAPER_LORA_SETS = {
+    "opt": "qv",  # Tables 1, 4-8: 0.35 / 0.27 / 0.13 / 0.09% for OPT-1.3B/2.7B/13B/30B only with q,v
+    "mixtral": "attention",  # Mixtral-8x7B's 0.03%: attention only, the experts get no LoRA
+}
+_QUERY = {"q_proj", "q", "query", "wq", "q_lin", "query_proj"}
+_KEY = {"k_proj", "k", "key", "wk", "k_lin", "key_proj"}
+_VALUE = {"v_proj", "v", "value", "wv", "v_lin", "value_proj"}
+
+
+def attention_module(block: nn.Module) -> tuple[str, nn.Module]:
+    """The attention sub-module of a decoder block (its class name says Attention), by name."""
+    for name, module in block.named_modules():
+        if name and "attention" in type(module).__name__.lower():
+            if any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module.modules()):
+                return name, module
+    raise ValueError(f"no attention module found in the block {type(block).__name__}")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def attention_role(name: str) -> str:
+    """'q', 'k', 'v' or 'other' (output projection, fused qkv) for a layer of an attention module."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return "q" if last in _QUERY else "k" if last in _KEY else "v" if last in _VALUE else "other"
+
+
+def resolve_lora_set(model: nn.Module, which: str) -> str:
+    """``paper`` -> the family's set (``PAPER_LORA_SETS``, else ``all``); other names unchanged."""
+    from .config import LORA_TARGET_SETS
+
+    if which not in LORA_TARGET_SETS:
+        raise ValueError(f"LoRA targets must be one of {list(LORA_TARGET_SETS)}, got {which!r}")
+    if which != "paper":
+        return which
+    return PAPER_LORA_SETS.get(getattr(getattr(model, "config", None), "model_type", None), "all")
+
+
+def lora_target_layers(model: nn.Module, which: str = "all") -> tuple[list[str], dict[str, Any]]:
+    """The prunable layers (qualified names, forward order) that get LoRA under the set ``which``,
+    and a description for records: the set asked for, the set it resolved to and the layers of one
+    block it names (``{"set": "paper", "resolved": "qv", "modules": ["self_attn.q_proj", ...]}``).
+    A set the model cannot form (``qv`` with a fused q/k/v projection) is an error naming why."""
+    adapter = adapter_for(model)
+    resolved = resolve_lora_set(model, which)
+    prunable = list(adapter.prunable(model))
+    chosen = set(prunable)
+    if resolved != "all":
+        chosen = set()
+        for i, block in enumerate(adapter.blocks(model)):
+            attn_name, attn = attention_module(block)
+            prefix = f"{adapter.block_prefix(i)}.{attn_name}."
+            names = [n for n in prunable if n.startswith(prefix)]
+            if resolved == "qv":
+                names = [n for n in names if attention_role(n) in ("q", "v")]
+                roles = {attention_role(n) for n in names}
+                if roles != {"q", "v"}:
+                    raise ValueError(
+                        f"LoRA targets 'qv' need separate query and value projections, but the attention of "
+                        f"{adapter.family!r} ({type(attn).__name__}: {[n.removeprefix(prefix) for n in prunable if n.startswith(prefix)]}) "
+                        "has none (a fused q/k/v projection?); use 'attention' or 'all'"
+                    )
+            if not names:
+                raise ValueError(f"no prunable layer in the attention module {prefix.rstrip('.')!r}")
+            chosen.update(names)
+    layers = [n for n in prunable if n in chosen]
+    first = adapter.block_prefix(0) + "."
+    modules = [n.removeprefix(first) for n in layers if n.startswith(first)]
+    return layers, {"set": which, "resolved": resolved, "modules": modules}
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of a Hugging Face causal LM, by its ``config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -189,7 +189,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def add_run_llm_args(p: argparse.ArgumentParser) -> None:
     """The LLM pruning and retraining options of ``perp run``. Defaults are None so RunConfig's own
     defaults apply and options shared with the vision track (added after these) stay unambiguous."""
-    from .config import HEAD_MODES, LORA_KINDS, PRUNE_METHODS, PRUNE_SCOPES, RETRAIN_GROUPS, RETRAIN_PRESETS
+    from .config import (
+        HEAD_MODES,
+        LORA_KINDS,
+        LORA_TARGET_SETS,
+        PRUNE_METHODS,
+        PRUNE_SCOPES,
+        RETRAIN_GROUPS,
+        RETRAIN_PRESETS,
+    )
 
     g = p.add_argument_group("pruning (LLMs)")
     g.add_argument("--prune", help=f"criterion: {', '.join(PRUNE_METHODS)} (default {DEFAULTS.prune})")
@@ -206,6 +214,10 @@ def add_run_llm_args(p: argparse.ArgumentParser) -> None:
                    help="masked: update M*(sBA), merged at the end keeping every zero (default); plain: peft LoRA kept "
                         "unmerged, saved as an adapter beside the sparse base")  # fmt: skip
     g.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {DEFAULTS.lora_rank})")
+    g.add_argument("--lora-targets", choices=LORA_TARGET_SETS,
+                   help="layers that get LoRA: paper = the set reproducing the paper's %% trainable for the family "
+                        "(q,v on OPT, attention on Mixtral, every linear elsewhere; default), qv, attention, all = "
+                        "every prunable linear (the released PERP code's list)")  # fmt: skip
     g.add_argument("--lora-alpha", type=float, help=f"LoRA alpha, scale alpha/rank (default {DEFAULTS.lora_alpha:g})")
     g.add_argument("--head", choices=HEAD_MODES, help="the head group trains through LoRA (default) or fully")
     g.add_argument("--steps", type=int, help="optimizer steps of retraining (needed unless --retrain none)")

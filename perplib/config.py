@@ -27,6 +27,10 @@ RETRAIN_PRESETS = {
     "full": ("full",),
 }
 LORA_KINDS = ("masked", "plain")
+# Which prunable layers get LoRA (perplib.adapters.lora_target_layers): the paper's set for the
+# model's family (q,v on OPT, attention on Mixtral, every linear elsewhere), q,v, the attention
+# module's linears, or every prunable linear (the released PERP code's list).
+LORA_TARGET_SETS = ("paper", "qv", "attention", "all")
 HEAD_MODES = ("lora", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,6 +82,7 @@ class RunConfig:
     lora: str = field(default="masked", metadata={"help": "LoRA kind: masked (mergeable) | plain"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
+    lora_targets: str = field(default="paper", metadata={"help": "layers with LoRA: paper|qv|attention|all"})
     head: str = field(default="lora", metadata={"help": "how the 'head' group trains: lora|full"})
     steps: int = field(default=0, metadata={"help": "optimizer steps of retraining"})
     lr: float = field(default=1e-4, metadata={"help": "initial learning rate (AdamW, linear decay, 10% warmup)"})
@@ -98,6 +103,7 @@ class RunConfig:
         _choice("prune", self.prune, PRUNE_METHODS)
         _choice("scope", self.scope, PRUNE_SCOPES)
         _choice("lora", self.lora, LORA_KINDS)
+        _choice("lora_targets", self.lora_targets, LORA_TARGET_SETS)
         _choice("head", self.head, HEAD_MODES)
         if self.prune != "none":
             # normalise '50%' / 0.5 / '0.50' to one spelling so records key identically

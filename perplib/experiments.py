@@ -155,6 +155,9 @@ def _execute(
         metrics["sparsity"] = out["prune"].get("sparsity")
     if config.eval_every and out.get("history"):
         out["history"][-1]["perplexity"] = metrics["perplexity"]
+    if out.get("retrain", {}).get("lora_targets"):  # the set asked for is in the config; here what it named
+        metrics["lora_set"] = out["retrain"]["lora_targets"]["resolved"]
+        metrics["lora_modules"] = ",".join(out["retrain"]["lora_targets"]["modules"])
     for key in ("lora_kind", "trainable_params", "trainable_share", "sparsity_before", "sparsity_effective",
                 "sparsity_with_adapters", "sparsity_merged", "train_loss", "train_tokens_per_s"):  # fmt: skip
         if key in out.get("retrain", {}):

@@ -7,7 +7,9 @@ they are four groups that combine freely:
 - ``norms``: LayerNorm / RMSNorm weights and biases (the paper's "LN-Parameters");
 - ``head``: the linear head, trained through LoRA (the paper's choice for LLMs, more stable) or
   fully; a head tied to the input embedding is untied first, so the embedding never changes;
-- ``lora``: LoRA on every pruned linear layer (``perplib.lora``, kind ``masked`` or ``plain``).
+- ``lora``: LoRA on the pruned linear layers of a target set (``perplib.lora``, kind ``masked`` or
+  ``plain``; ``perplib.adapters.lora_target_layers``: the paper's set per family, q,v, attention,
+  or every prunable linear).
 
 Presets (``perplib.config.RETRAIN_PRESETS``): none, biases, ln, linear-probing, perp, and ``full``
 (Full IMP: every parameter trains and the pruning mask is enforced at every step: gradients of
@@ -26,13 +28,13 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, lora_target_layers
 from .config import HEAD_MODES, RETRAIN_GROUPS, RETRAIN_PRESETS, RunConfig, retrain_groups
 from .lora import LoraSpec, add_lora_, lora_layers, lora_parameter_count, merge_, untie_head_
 
@@ -87,10 +89,13 @@ class Trainable:
 
     groups: tuple[str, ...]
     counts: dict[str, int]
-    total: int  # parameters of the model before adapters were added
+    # parameters of the model as it trains: the adapters included, a tied embedding/head once (the
+    # paper's "% trainable" counts this way, as the PERP code does)
+    total: int
     lora_targets: tuple[str, ...]
     head_untied: bool
     masks: dict[str, torch.Tensor]  # Full IMP: keep-masks of the prunable weights, by name
+    lora_set: dict[str, Any] = field(default_factory=dict)  # lora_target_layers' description (if "lora")
 
     @property
     def trainable(self) -> int:
@@ -112,40 +117,46 @@ def _check_groups(groups: Iterable[str]) -> tuple[str, ...]:
 
 
 def mark_trainable_(
-    model: nn.Module, groups: Iterable[str], *, lora: LoraSpec | None = None, head: str = "lora"
+    model: nn.Module,
+    groups: Iterable[str],
+    *,
+    lora: LoraSpec | None = None,
+    head: str = "lora",
+    targets: str = "all",
 ) -> Trainable:
     """Freeze the model, attach LoRA where the groups ask for it, unfreeze the chosen groups (in place).
 
     ``groups``: any combination of ``biases``, ``norms``, ``head``, ``lora`` (all 16 are valid, the
     empty one trains nothing) or ``("full",)``. ``head="lora"`` trains the head through LoRA,
     ``head="full"`` trains its weight (untied from the embedding first). ``lora`` gives the LoRA
-    kind, rank and alpha (default: masked, r=16, alpha=32).
+    kind, rank and alpha (default: masked, r=16, alpha=32). ``targets`` names the set of prunable
+    layers the ``lora`` group adapts (``perplib.config.LORA_TARGET_SETS``; runs pass
+    ``RunConfig.lora_targets``, default ``paper``; here the default is every prunable linear).
     """
     groups = _check_groups(groups)
     if head not in HEAD_MODES:
         raise ValueError(f"head must be one of {list(HEAD_MODES)}, got {head!r}")
     adapter = adapter_for(model)
-    total = count_parameters(model)
     prunable = prunable_linears(model)
+    base_total = count_parameters(model)  # a tied embedding/head once (also after untying a fully trained head)
     if groups == ("full",):
         for p in model.parameters():
             p.requires_grad_(True)
         masks = {name: (m.weight.detach() != 0) for name, m in prunable.items()}
-        return Trainable(groups, {"full": count_parameters(model)}, total, (), False, masks)
+        return Trainable(groups, {"full": base_total}, base_total, (), False, masks)
 
     head_untied = False
     if "head" in groups and head == "full":
         head_untied = untie_head_(model)
     chosen = parameter_groups(model)  # by identity: the Parameters survive LoRA injection
-    targets = []
-    if "lora" in groups:
-        targets += list(prunable)
+    layers, lora_set = lora_target_layers(model, targets) if "lora" in groups else ([], {})
+    names = list(layers)
     if "head" in groups and head == "lora":
-        targets.append(adapter.head)
+        names.append(adapter.head)
     for p in model.parameters():
         p.requires_grad_(False)
-    if targets:
-        add_lora_(model, lora or LoraSpec(), targets, unmasked=[adapter.head] if adapter.head in targets else [])
+    if names:
+        add_lora_(model, lora or LoraSpec(), names, unmasked=[adapter.head] if adapter.head in names else [])
     counts: dict[str, int] = {}
     seen: set[int] = set()  # a parameter in two groups (the head's bias is also a bias) counts once
     direct = [g for g in ("biases", "norms") if g in groups] + (["head"] if "head" in groups and head == "full" else [])
@@ -163,8 +174,9 @@ def mark_trainable_(
     if "head" in groups and head == "lora":
         counts["head"] = lora_parameter_count(model, [adapter.head])
     if "lora" in groups:
-        counts["lora"] = lora_parameter_count(model, list(prunable))
-    return Trainable(groups, counts, total, tuple(targets), head_untied, {})
+        counts["lora"] = lora_parameter_count(model, layers)
+    total = base_total + lora_parameter_count(model)  # the model as it trains: with the adapters
+    return Trainable(groups, counts, total, tuple(names), head_untied, {}, lora_set)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +533,7 @@ def group_combinations(include_biases: bool = True) -> list[tuple[str, ...]]:
 def method_config(base: RunConfig, retrain: str | Iterable[str], **changes: Any) -> RunConfig:
     """``base`` with a retraining method, and the fields that cannot affect that method reset to
     their defaults, so a run shared between notebooks (e.g. no retraining at 50%) is stored once:
-    no training resets the loop settings; no LoRA resets the LoRA fields; no head group the head mode."""
+    no training resets the loop settings; no LoRA resets the LoRA fields (no ``lora`` group: the target set); no head group the head mode."""
     groups = retrain_groups(retrain) if isinstance(retrain, str) else _check_groups(retrain)
     config = base.replace(retrain=canonical_retrain(groups), **changes)
     defaults = RunConfig()
@@ -531,6 +543,8 @@ def method_config(base: RunConfig, retrain: str | Iterable[str], **changes: Any)
         reset["retrain"] = "none"
     if not uses_lora(config.replace(**reset)) or "retrain" in reset:
         reset |= {f: getattr(defaults, f) for f in ("lora", "lora_rank", "lora_alpha")}
+    if "lora" not in groups or "retrain" in reset:  # the head's own LoRA does not depend on the set
+        reset["lora_targets"] = defaults.lora_targets
     if "head" not in groups:
         reset["head"] = defaults.head
     return config.replace(**reset)
@@ -587,7 +601,9 @@ def retrain_(
     sparsity_before = prunable_sparsity(model)
 
     torch.manual_seed(config.seed)  # LoRA initialisation
-    trainable = mark_trainable_(model, config.groups, lora=lora_spec(config), head=config.head)
+    trainable = mark_trainable_(
+        model, config.groups, lora=lora_spec(config), head=config.head, targets=config.lora_targets
+    )
     evaluate = None
     if eval_every and eval_ids is not None:
         from .evaluation import perplexity
@@ -621,6 +637,7 @@ def retrain_(
         "trainable_share": trainable.share,
         "trainable_by_group": trainable.counts,
         "lora_params": lora_params,
+        "lora_targets": trainable.lora_set or None,
         "head_untied": trainable.head_untied,
         "sparsity_before": sparsity_before,
         "sparsity_effective": sparsity_effective,

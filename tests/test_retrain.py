@@ -113,7 +113,8 @@ def test_method_invariants(family, groups, head, kind):
 
     assert marked.counts == expected_counts(family, groups, head)
     assert retrain.count_parameters(model, trainable_only=True) == marked.trainable
-    assert marked.total == sum(p.numel() for _, p in before.values())
+    # the share counts the model as it trains: the adapters included
+    assert marked.total == sum(p.numel() for _, p in before.values()) + lora.lora_parameter_count(model)
 
     retrain.train_(model, windows(), SETTINGS, progress=False)
     layers = lora.lora_layers(model)
@@ -171,7 +172,7 @@ def test_all_16_group_combinations_run(family):
             retrain_name = "+".join(combo) if combo else "none"
             config = RunConfig(
                 model=f"tiny-{family}", prune="magnitude", retrain=retrain_name, lora_rank=RANK, lora_alpha=8.0,
-                steps=1, batch_size=1, grad_accum=1, seqlen=16, lr=1e-3,
+                lora_targets="all", steps=1, batch_size=1, grad_accum=1, seqlen=16, lr=1e-3,
             )  # fmt: skip
             out = retrain.retrain_(model, None, config, windows=windows(4), progress=False)
             m = out["metrics"]
@@ -184,12 +185,43 @@ def test_all_16_group_combinations_run(family):
     assert len(set(seen)) == 16
 
 
+@pytest.mark.parametrize(
+    ("family", "targets", "per_block"),
+    [
+        ("opt", "paper", 2 * (64 + 64)),  # q_proj and v_proj
+        ("opt", "attention", 4 * (64 + 64)),
+        ("llama", "paper", (64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3),  # every linear
+        ("llama", "qv", (64 + 64) + (64 + 32)),
+    ],
+)
+def test_lora_target_sets(family, targets, per_block):
+    config = RunConfig(model=f"tiny-{family}", prune="magnitude", retrain="perp", lora_rank=RANK, lora_alpha=8.0,
+                       lora_targets=targets, steps=1, batch_size=1, grad_accum=1, seqlen=16, lr=1e-3)  # fmt: skip
+    model = pruned(family)
+    m = retrain.retrain_(model, None, config, windows=windows(4), progress=False)["metrics"]
+    assert m["trainable_by_group"]["lora"] == 2 * RANK * per_block
+    assert m["lora_targets"]["set"] == targets and m["lora_targets"]["resolved"] == {
+        "paper": {"opt": "qv"}.get(family, "all")
+    }.get(targets, targets)
+    assert m["sparsity_before"] == m["sparsity_merged"] == 0.5
+    with pytest.raises(ValueError, match="lora_targets must be one of"):
+        config.replace(lora_targets="q")
+
+
+def test_lora_targets_only_key_runs_with_a_lora_group():
+    base = RunConfig(prune="magnitude", steps=2, lora_targets="qv")
+    assert retrain.method_config(base, "linear-probing") == retrain.method_config(
+        base.replace(lora_targets="all"), "linear-probing"
+    )
+    assert retrain.method_config(base, "perp").lora_targets == "qv"
+
+
 # --- the experiment step ---------------------------------------------------------------------------
 
 
 def config(**changes) -> RunConfig:
     base = dict(
-        model="tiny-llama", prune="magnitude", retrain="perp", lora_rank=RANK, lora_alpha=8.0, steps=3,
+        model="tiny-llama", prune="magnitude", retrain="perp", lora_rank=RANK, lora_alpha=8.0, lora_targets="all", steps=3,
         batch_size=2, grad_accum=2, seqlen=16, lr=1e-2, windows=2,
     )  # fmt: skip
     return RunConfig(**{**base, **changes})
@@ -202,7 +234,7 @@ def test_retrain_accounting(kind):
     m, t = out["metrics"], out["timings"]
     counts = expected_counts("opt", ("biases", "norms", "head", "lora"), "lora")
     assert m["lora_kind"] == kind and m["trainable_params"] == sum(counts.values())
-    total = sum(p.numel() for p in pruned("opt").parameters())
+    total = sum(p.numel() for p in pruned("opt").parameters()) + counts["lora"] + counts["head"]  # with adapters
     assert m["total_params"] == total and m["trainable_share"] == pytest.approx(sum(counts.values()) / total)
     prunable = sum(mod.weight.numel() for mod in adapter_for(model).prunable(pruned("opt")).values())
     assert m["sparsity_before"] == 0.5
