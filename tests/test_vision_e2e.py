@@ -11,7 +11,8 @@ import pytest
 from perplib.results import ResultStore
 from perplib.vision import cli as vcli
 from perplib.vision.artefacts import accuracy_frame, accuracy_table, table12
-from perplib.vision.experiments import VisionConfig, run_vision
+from perplib.vision.experiments import VisionConfig, pretrained_model, run_vision
+from perplib.vision.pruning import prunable_weights, prune_, relative_change
 
 BASE = VisionConfig(
     model="resnet-tiny",
@@ -77,6 +78,24 @@ def test_end_to_end_digits(store, shared):
     assert list(table["method"]) == ["Dense", "Full IMP", "PERP (r=2)", "PERP masked (r=2)", "BN-Recalibrate",
                                      "No retraining"]  # fmt: skip
     assert list(table.columns) == ["method", "% trainable", "Δ sparsity (pp)", "80%"]
+
+
+def test_allr_inputs_are_the_norm_drop_over_all_parameters(store):
+    perp = run_vision(BASE.replace(retrain="perp", lora_rank=2), store)
+    dense, _ = pretrained_model(BASE.pretrain_config(), store)
+    before = {k: p.detach().clone() for k, p in dense.named_parameters()}
+    weights = prunable_weights(dense)
+    alive = sum(int((w != 0).sum()) for w in weights.values())
+    prune_(dense, 0.8)
+    removed = alive - sum(int((w != 0).sum()) for w in prunable_weights(dense).values())
+    num = sum(float((before[k] - p.detach()).pow(2).sum()) for k, p in dense.named_parameters())
+    den = sum(float(v.pow(2).sum()) for v in before.values())  # BatchNorm and biases included
+    change = (num / den) ** 0.5
+    assert perp["cycles"][0]["relative_change"] == pytest.approx(change, rel=1e-6)
+    d = min(1.0, max(change / (removed / alive) ** 0.5, 1 / 4))
+    assert perp["metrics"]["allr_factor"] == pytest.approx(d, rel=1e-6)
+    prunable_only = relative_change({k: before[k] for k in weights}, prunable_weights(dense))
+    assert prunable_only > change  # the official code's choice is visible in the number
 
 
 def test_missing_pretrained_weights_are_recomputed(store, shared, capsys):

@@ -95,21 +95,43 @@ def cost_table(frame):
     return table.round(3).reset_index(drop=True)
 
 
-def plot_accuracy(frame, ax, epochs: int, title: str) -> None:
-    """Figure 2/4 panel: accuracy vs sparsity (%), the dense level in the legend, PERP ranks
-    distinguished by marker and line style, masked PERP dashed."""
-    part = frame[frame["epochs"] == epochs]
+def method_styles(methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """One line style per method, the same in every panel: PERP ranks by marker (dotted: the
+    paper's plain LoRA, dashed: masked), the other methods by colour with round markers."""
     markers = {1: "v", 2: "^", 5: "s", 10: "D"}
-    for i, method in enumerate(sorted(part["method"].unique(), key=_order_key)):
-        rows = part[part["method"] == method].sort_values("sparsity")
+    styles = {}
+    for i, method in enumerate(sorted(set(methods), key=_order_key)):
         style = {"marker": "o", "linestyle": "-", "color": f"C{i % 10}"}
         if method.startswith("PERP"):
-            style.update(marker=markers.get(_rank(method), "o"), linestyle="--" if "masked" in method else ":")
-        ax.plot(100 * rows["sparsity"], rows["accuracy"], label=method, **style)
-    ax.axhline(part["dense"].iloc[0], color="black", linewidth=1, label=f"Dense ({part['dense'].iloc[0]:.2f}%)")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+            style.update(marker=markers.get(_rank(method), "P"), linestyle="--" if "masked" in method else ":")
+        styles[method] = style
+    return styles
+
+
+def accuracy_figure(frame, panels: Iterable[tuple[str, int]]):
+    """Figures 2/4: one panel per ``(title, epochs)``, accuracy vs sparsity (%), the dense level
+    drawn and named in the legend with its accuracy, one shared legend."""
+    import matplotlib.pyplot as plt
+
+    panels = list(panels)
+    styles = method_styles(frame["method"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.2, 4.2), sharey=True, squeeze=False)
+    for ax, (title, epochs) in zip(axes[0], panels, strict=True):
+        part = frame[frame["epochs"] == epochs]
+        for method in sorted(part["method"].unique(), key=_order_key):
+            rows = part[part["method"] == method].sort_values("sparsity")
+            ax.plot(100 * rows["sparsity"], rows["accuracy"], label=method, **styles[method])
+        ax.axhline(part["dense"].iloc[0], color="black", linewidth=1, label=f"Dense ({part['dense'].iloc[0]:.2f}%)")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_title(title)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
+    fig.subplots_adjust(right=1 - 2.0 / fig.get_figwidth())
+    return fig
 
 
 def table12(records: Iterable[Mapping[str, Any]]):
