@@ -151,3 +151,19 @@ def test_feature_similarity_and_filter_choice():
     assert art.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == 0.0
     with pytest.raises(ValueError, match="all-zero"):
         art.cosine_similarity(torch.zeros(2), torch.ones(2))
+
+
+def test_grid_configs_and_feature_layer(capsys):
+    from perplib.vision.experiments import VisionConfig, grid_configs
+    from perplib.vision.models import build_model
+
+    base = VisionConfig(model="resnet-tiny")
+    configs = grid_configs(base, [0.7, 0.9], ["full", "perp"], epochs=5, perp_ranks=[1, 10], masked_ranks=[10])
+    got = [(c.sparsity, c.retrain, c.lora, c.lora_rank, c.epochs) for c in configs]
+    assert got == [(s, m, k, r, 5) for s in (0.7, 0.9) for m, k, r in
+                   [("full", "masked", 10), ("perp", "plain", 1), ("perp", "plain", 10), ("perp", "masked", 10)]]  # fmt: skip
+    model = build_model("resnet18-half", num_classes=10, in_channels=1, image_size=28)
+    assert art.feature_layer_of(model, "layer1.1.conv2") == "layer1.1.conv2"
+    tiny = build_model("resnet-tiny", num_classes=3, in_channels=1, image_size=8)
+    assert art.feature_layer_of(tiny, "layer1.2.conv2") == "layer1.0.conv2"
+    assert "Figure 1 uses 'layer1.0.conv2'" in capsys.readouterr().out

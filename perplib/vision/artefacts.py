@@ -216,6 +216,18 @@ def feature_similarity(maps: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {k: sum(cosine_similarity(dense[i], v[i]) for i in range(len(dense))) / len(dense) for k, v in maps.items()}
 
 
+def feature_layer_of(model: nn.Module, requested: str) -> str:
+    """``requested`` when the model has that convolution, else the last convolution of the
+    requested stage (or of the first stage), with a line saying so (e.g. the dry run's small model)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if requested in convs:
+        return requested
+    stage = requested.split(".")[0] + "."
+    same = [n for n in convs if n.startswith(stage)] or [n for n in convs if n.startswith("layer1.")] or convs
+    print(f"{type(model).__name__} has no convolution '{requested}': Figure 1 uses '{same[-1]}'")
+    return same[-1]
+
+
 def most_affected_filter(maps: Mapping[str, torch.Tensor], image: int = 0) -> int:
     """Among the filters with above-median dense response on ``image``, the one pruning changes most."""
     dense, pruned = maps["dense"][image], maps["pruned"][image]

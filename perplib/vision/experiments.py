@@ -420,6 +420,27 @@ def run_vision_grid(
     return records
 
 
+def grid_configs(
+    base: VisionConfig,
+    sparsities: Iterable[float],
+    methods: Iterable[str],
+    *,
+    epochs: int,
+    perp_ranks: Iterable[int] = (),
+    masked_ranks: Iterable[int] = (),
+) -> list[VisionConfig]:
+    """Figure 2/4's runs: every method at every sparsity; PERP once per plain-LoRA rank (the
+    paper's) and per masked-LoRA rank (perplib's)."""
+    runs: list[tuple[str, str, int]] = []
+    for m in methods:
+        if m == "perp":
+            runs += [("perp", "plain", r) for r in perp_ranks] + [("perp", "masked", r) for r in masked_ranks]
+        else:
+            runs.append((m, base.lora, base.lora_rank))
+    return [base.replace(retrain=m, lora=k, lora_rank=r, sparsity=s, epochs=epochs) for s in sparsities
+            for m, k, r in runs]  # fmt: skip
+
+
 def models_for_features(
     config: VisionConfig, store: ResultStore | None = None, *, device: str = "cpu"
 ) -> dict[str, nn.Module]:
