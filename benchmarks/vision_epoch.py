@@ -7,7 +7,11 @@ The first epoch is a warm-up and not timed. BN-Recalibrate is one forward pass o
 split (no gradients). On CPU, peak memory is the peak resident-set increase during the epochs,
 sampled every 5 ms; on a GPU it is the peak CUDA allocation.
 
-    python benchmarks/vision_epoch.py --model resnet-tiny --data fashion-mnist --train-subset 5000
+PERP runs as ``perp-plain`` (the paper's unmerged LoRA) and ``perp-masked`` (perplib's); both use
+the conv LoRA autograd function of :mod:`perplib.vision.lora`, which keeps no kernel-sized tensor
+for the backward.
+
+    python benchmarks/vision_epoch.py --model resnet18-half --data fashion-mnist --train-subset 5000 --threads 2
     python benchmarks/vision_epoch.py --model resnet50 --data imagenet --data-root /data/imagenet --device cuda
 """
 
@@ -18,7 +22,7 @@ import json
 import multiprocessing as mp
 import time
 
-METHODS = ["bn-recalibrate", "biases", "bn-parameters", "linear-probing", "perp", "full"]
+METHODS = ["bn-recalibrate", "biases", "bn-parameters", "linear-probing", "perp-plain", "perp-masked", "full"]
 
 
 def measure(args: dict, method: str, queue) -> None:
@@ -49,7 +53,9 @@ def measure(args: dict, method: str, queue) -> None:
             seconds = time.perf_counter() - start
         queue.put({"method": method, "epoch_time_s": seconds, "peak_memory_mb": mem.peak_mb, "trainable_share": 0.0})
         return
-    trainable = prepare_(model, method, LoraSpec(rank=args["lora_rank"], alpha=float(args["lora_rank"])))
+    kind = method.split("-")[1] if method.startswith("perp-") else "masked"
+    spec = LoraSpec(kind=kind, rank=args["lora_rank"], alpha=float(args["lora_rank"]))
+    trainable = prepare_(model, method.split("-")[0] if method.startswith("perp") else method, spec)
     stats = train_epochs_(model, data, epochs=2, lr_fn=lambda t: 0.01, batch_size=args["batch_size"], masks=masks,
                           device=args["device"], max_batches=args["max_batches"])  # fmt: skip
     queue.put({"method": method, "epoch_time_s": stats["epoch_times_s"][-1], "peak_memory_mb": stats["peak_memory_mb"],
@@ -58,7 +64,7 @@ def measure(args: dict, method: str, queue) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet-tiny")
+    p.add_argument("--model", default="resnet18-half")
     p.add_argument("--data", default="fashion-mnist", help="digits | fashion-mnist | imagenet")
     p.add_argument("--data-root")
     p.add_argument("--train-subset", type=int, default=5000)

@@ -518,5 +518,5 @@ def test_cli_run(text_file, tmp_path, capsys):
     assert "needs --steps" in capsys.readouterr().err
     assert main(["run", *common, "--retrain", "none", "--epochs", "1"]) == 2
     assert "apply to vision models only" in capsys.readouterr().err
-    assert main(["run", "--model", "resnet-tiny", "--lora", "plain"]) == 2
+    assert main(["run", "--model", "resnet-tiny", "--steps", "2"]) == 2  # --lora applies to vision too (issue 9)
     assert "apply to LLMs only" in capsys.readouterr().err

@@ -12,11 +12,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from perplib.lora import LoraSpec
 from perplib.vision import data as vdata
-from perplib.vision.freezing import GradualFreezer, cycle_sparsities, layer_units, trainable_flags
+from perplib.vision.artefacts import PAPER_TABLE12, resnet50_table12_shares
+from perplib.vision.freezing import GradualFreezer, cycle_sparsities, layer_units, schedule_shares, trainable_flags
 from perplib.vision.lora import MaskedLoRAConv, add_conv_lora_, merge_conv_lora_
 from perplib.vision.models import build_model
 from perplib.vision.pruning import (
@@ -27,6 +29,7 @@ from perplib.vision.pruning import (
     model_sparsity,
     prunable_weights,
     prune_,
+    relative_change,
 )
 from perplib.vision.retrain import (
     METHODS,
@@ -36,7 +39,7 @@ from perplib.vision.retrain import (
     train_epochs_,
     trainable_names,
 )
-from perplib.vision.schedules import allr_factor, pretrain_lr, retrain_lr
+from perplib.vision.schedules import allr_factor, final_pretrain_lr, pretrain_lr, retrain_lr
 
 
 def tiny_resnet(seed: int = 0) -> nn.Module:
@@ -243,6 +246,66 @@ def test_plain_lora_merge_into_pruned_layer_refused():
         merge_conv_lora_(model)
 
 
+def _oracle_kernel(weight, a, b, mask, scaling):
+    """The adapted kernel entry by entry: W[o,i,p,q] + M[o,i,p,q] s sum_r B[o,r] A[r, (i,p,q)]."""
+    c_out, c_in, kh, kw = weight.shape
+    rows = []
+    for o in range(c_out):
+        entries = []
+        for i in range(c_in):
+            for p in range(kh):
+                for q in range(kw):
+                    col = (i * kh + p) * kw + q
+                    update = sum(b[o, r] * a[r, col] for r in range(a.shape[0]))
+                    entries.append(weight[o, i, p, q] + mask[o, i, p, q] * scaling * update)
+        rows.append(torch.stack(entries))
+    return torch.stack(rows).view(c_out, c_in, kh, kw)
+
+
+@pytest.mark.parametrize("kind", ["masked", "plain"])
+def test_conv_lora_matches_f_conv2d_oracle(kind):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) > 0.5).float())
+    layer = MaskedLoRAConv(conv, LoraSpec(kind=kind, rank=2, alpha=5.0, init="random"))
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    g = torch.randn(2, 4, 4, 4)
+    (layer(x) * g).sum().backward()
+    a = layer.lora_A.detach().clone().requires_grad_()
+    b = layer.lora_B.detach().clone().requires_grad_()
+    bias = conv.bias.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    mask = (conv.weight != 0).float() if kind == "masked" else torch.ones_like(conv.weight)
+    y2 = F.conv2d(x2, _oracle_kernel(conv.weight.detach(), a, b, mask, 2.5), bias, stride=2, padding=1)
+    (y2 * g).sum().backward()
+    assert torch.allclose(layer(x), y2, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(layer.lora_A.grad, a.grad, atol=1e-5)
+    assert torch.allclose(layer.lora_B.grad, b.grad, atol=1e-5)
+    assert torch.allclose(conv.bias.grad, bias.grad, atol=1e-5)
+    assert conv.weight.grad is None
+
+
+def test_conv_lora_backward_keeps_no_weight_sized_tensor():
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    layer = MaskedLoRAConv(conv, LoraSpec(kind="masked", rank=2, alpha=2.0))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    existing = {conv.weight.data_ptr(), layer.lora_mask.data_ptr()}
+    sized = [t for t in saved if t is not None and t.numel() >= conv.weight.numel()]
+    assert all(t.data_ptr() in existing or t.data_ptr() == x.data_ptr() for t in sized), \
+        [tuple(t.shape) for t in sized]  # fmt: skip
+
+
 # ---------------------------------------------------------------- schedules
 
 
@@ -254,10 +317,15 @@ def test_allr_factor_and_schedules():
     assert pretrain_lr(45, 0.1, 90) == pytest.approx(0.05)
     allr = retrain_lr("allr", lr_max=0.1, pretrain_epochs=90, retrain_epochs=2, allr_d=0.5, warmup=0.0)
     assert allr(0) == pytest.approx(0.05) and allr(1) == pytest.approx(0.025) and allr(2) == pytest.approx(0.0)
-    warm = retrain_lr("allr", lr_max=0.1, pretrain_epochs=90, retrain_epochs=2, allr_d=0.5, warmup=0.1)
-    assert warm(0.1) == pytest.approx(0.5 * warm(0.2)) and warm(1) == pytest.approx(0.025)
-    ft = retrain_lr("ft", lr_max=0.1, pretrain_epochs=10, retrain_epochs=3)
-    assert ft(0) == ft(2.5) == pytest.approx(0.01)
+    # half-cosine warmup over 10% (the default): half the end value halfway, the schedule after it
+    warm = retrain_lr("allr", lr_max=0.1, pretrain_epochs=90, retrain_epochs=2, allr_d=0.5)
+    end = 0.05 * (1 - 0.2 / 2)
+    assert warm(0.1) == pytest.approx(0.5 * end) and warm(0.2) == pytest.approx(end) and warm(1) == pytest.approx(0.025)
+    assert warm(0.05) == pytest.approx(end * 0.5 * (1 - math.cos(math.pi / 4)))
+    # FT: the final rate of pretraining (its last step, at fractional epoch T - 0.5/steps)
+    assert final_pretrain_lr(0.1, 10, 4) == pytest.approx(0.1 * 0.125 / 10)
+    ft = retrain_lr("ft", lr_max=0.1, pretrain_epochs=10, retrain_epochs=3, ft_lr=final_pretrain_lr(0.1, 10, 4))
+    assert ft(0) == ft(2.5) == pytest.approx(0.00125)
     lrw = retrain_lr("lrw", lr_max=0.1, pretrain_epochs=10, retrain_epochs=2)
     assert lrw(0) == pytest.approx(0.02) and lrw(1) == pytest.approx(0.01)
     clr = retrain_lr("clr", lr_max=0.1, pretrain_epochs=10, retrain_epochs=2, warmup=0.0)
@@ -269,31 +337,59 @@ def test_allr_factor_and_schedules():
         retrain_lr("step", lr_max=0.1, pretrain_epochs=10, retrain_epochs=2)
 
 
+def test_relative_change_oracle():
+    before = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[0.0, 12.0]])}
+    after = {"a": torch.tensor([0.0, 4.0]), "b": torch.tensor([[0.0, 12.0]])}
+    assert relative_change(before, after) == pytest.approx(3 / 13)  # ||(3,0,0,0)|| / ||(3,4,0,12)||
+    assert relative_change(before, before) == 0.0
+
+
+def test_erk_make_dense_branch():
+    # a 2x2 layer has raw density 1, a 100x100 one 0.02: at density 0.9 the small layer would exceed 1
+    shapes = {"small": torch.Size([2, 2]), "big": torch.Size([100, 100])}
+    dens = erk_densities(shapes, 0.9)
+    assert dens["small"] == 1.0
+    assert dens["big"] == pytest.approx((0.9 * 10004 - 4) / 10000)
+    assert dens["small"] * 4 + dens["big"] * 10000 == pytest.approx(0.9 * 10004)
+    # without the branch (low density) both follow eps * raw
+    low = erk_densities(shapes, 0.01)
+    assert low["small"] / low["big"] == pytest.approx(1.0 / 0.02)
+
+
 # ---------------------------------------------------------------- freezing
 
 
 def test_trainable_flags_oracle():
-    # 4 units, 2 epochs
-    assert trainable_flags(4, 0, 2, unfreeze=False, reverse=False) == [True] * 4
-    assert trainable_flags(4, 1, 2, unfreeze=False, reverse=False) == [False, False, True, True]
-    assert trainable_flags(4, 1, 2, unfreeze=False, reverse=True) == [True, True, False, False]
+    # 4 units, 2 epochs: floor(4 (e+1) / 2) = 2, 4 units switched
+    assert trainable_flags(4, 0, 2, unfreeze=False, reverse=False) == [False, False, True, True]
+    assert trainable_flags(4, 1, 2, unfreeze=False, reverse=False) == [False] * 4
+    assert trainable_flags(4, 0, 2, unfreeze=False, reverse=True) == [True, True, False, False]
     assert trainable_flags(4, 0, 2, unfreeze=True, reverse=False) == [True, True, False, False]
     assert trainable_flags(4, 0, 2, unfreeze=True, reverse=True) == [False, False, True, True]
     assert trainable_flags(4, 1, 2, unfreeze=True, reverse=True) == [True] * 4
-    # every unit trains in at least one epoch
-    for unfreeze in (False, True):
-        for reverse in (False, True):
-            seen = [
-                any(trainable_flags(5, e, 3, unfreeze=unfreeze, reverse=reverse)[i] for e in range(3)) for i in range(5)
-            ]
-            assert all(seen)
+    assert trainable_flags(5, 0, 3, unfreeze=True, reverse=False) == [True, False, False, False, False]
+    assert trainable_flags(5, 1, 3, unfreeze=True, reverse=False) == [True, True, True, False, False]
+    # shares by hand: units of 1, 2, 3 parameters, 4 always trained, 3 epochs
+    shares = schedule_shares([1, 2, 3], 4, 3, unfreeze=True, reverse=False)
+    assert shares == pytest.approx([5 / 10, 7 / 10, 10 / 10])
+    shares = schedule_shares([1, 2, 3], 4, 3, unfreeze=False, reverse=True)
+    assert shares == pytest.approx([7 / 10, 5 / 10, 4 / 10])
     assert cycle_sparsities(0.9, 2) == pytest.approx([1 - 0.1**0.5, 0.9])
+
+
+def test_table12_shares_of_resnet50_match_the_paper():
+    # torchvision's ResNet-50 on the meta device, five epochs per phase (paper, Table 12)
+    shares = resnet50_table12_shares(5)
+    assert shares == pytest.approx(PAPER_TABLE12, abs=0.01)
+    assert shares[("✓", "✓")] == pytest.approx(88.83, abs=0.005) and shares[("✗", "✓")] == pytest.approx(
+        19.40, abs=0.005
+    )
 
 
 def test_gradual_freezing_freezes_expected_layers_each_epoch():
     model = tiny_resnet()
     units = layer_units(model)
-    assert units[0][0] == "conv1" and units[-1][0] == "fc"
+    assert units[0][0] == "conv1" and all(isinstance(model.get_submodule(n), nn.Conv2d) for n, _ in units)
     freezer = GradualFreezer(model, 3, unfreeze=False, reverse=False)
     states = []
 
@@ -305,18 +401,17 @@ def test_gradual_freezing_freezes_expected_layers_each_epoch():
     states.append((3, snapshot(model)))
     for (epoch, before), (_, after) in zip(states, states[1:], strict=False):
         flags = freezer.flags(epoch)
-        assert sum(not f for f in flags) == math.floor(len(units) * epoch / 3)
+        assert sum(not f for f in flags) == len(units) * (epoch + 1) // 3
         for flag, (name, _) in zip(flags, units, strict=True):
-            for p_name in ("weight", "bias"):
-                key = f"{name}.{p_name}"
-                if key in before and not flag:
-                    assert torch.equal(before[key], after[key]), f"epoch {epoch}: frozen {key} changed"
-        changed = [name for flag, (name, _) in zip(flags, units, strict=True) if flag
-                   and not torch.equal(before[f"{name}.weight"], after[f"{name}.weight"])]  # fmt: skip
-        assert changed, f"epoch {epoch}: nothing trained"
+            if not flag:
+                assert torch.equal(before[f"{name}.weight"], after[f"{name}.weight"]), f"epoch {epoch}: frozen {name}"
+        # BatchNorm and the head always train
+        assert not torch.equal(before["fc.weight"], after["fc.weight"])
+        assert not torch.equal(before["bn1.weight"], after["bn1.weight"])
     total = sum(p.numel() for p in model.parameters())
-    assert freezer.shares[0] == 1.0 and freezer.shares[2] < freezer.shares[1] < 1.0
-    assert freezer.total == total
+    assert freezer.total == total and freezer.shares[0] > freezer.shares[1] > freezer.shares[2]
+    conv = sum(p.numel() for _, ps in units for p in ps)
+    assert freezer.shares[2] == pytest.approx((total - conv) / total)
 
 
 # ---------------------------------------------------------------- data

@@ -10,7 +10,9 @@ import pytest
 
 from perplib.results import ResultStore
 from perplib.vision import cli as vcli
-from perplib.vision.experiments import VisionConfig, accuracy_frame, accuracy_table, run_vision, table12
+from perplib.vision.artefacts import accuracy_frame, accuracy_table, table12
+from perplib.vision.experiments import VisionConfig, pretrained_model, run_vision
+from perplib.vision.pruning import prunable_weights, prune_, relative_change
 
 BASE = VisionConfig(
     model="resnet-tiny",
@@ -41,11 +43,25 @@ def test_end_to_end_digits(store, shared):
     m = perp["metrics"]
     assert m["dense_accuracy"] > 60, "pretraining on digits should learn something in 4 epochs"
     assert m["sparsity"] == pytest.approx(0.8, abs=1e-4), "masked LoRA merge must keep the sparsity"
-    assert m["sparsity_unmerged"] < m["sparsity"]
+    assert m["sparsity_with_adapters"] == m["sparsity"]  # merged: no adapter left
+    assert perp["schedule"] == {
+        "warmup": 0.1,
+        "warmup_shape": "half-cosine",
+        "allr_norm": "all parameters",
+        "ft_lr": pytest.approx(0.1 * 0.5 / (4 * 5)),
+        "nesterov": True,
+        "lora": "masked",
+    }
     assert 0 < m["trainable_share"] < 1 and m["accuracy"] > m["pruned_accuracy"]
     assert perp["timings"]["epoch_time_s"] > 0 and not perp["reused"]
     pre = store.records("vision-pretrain")
     assert len(pre) == 1 and (shared / "cache" / "vision").is_dir()
+    assert pre[0]["weights"] == f"vision/pretrained-{pre[0]['key']}.pt"  # a key, never a machine path
+    assert str(shared) not in json.dumps(pre[0])
+    plain = run_vision(BASE.replace(retrain="perp", lora="plain", lora_rank=2), store)
+    assert plain["metrics"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert plain["metrics"]["sparsity_with_adapters"] < plain["metrics"]["sparsity"]
+    assert plain["metrics"]["trainable_share"] == m["trainable_share"]
     full = run_vision(BASE.replace(retrain="full"), store)
     assert full["pretrain_key"] == perp["pretrain_key"] and len(store.records("vision-pretrain")) == 1
     assert full["metrics"]["trainable_share"] == 1.0 and full["metrics"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
@@ -58,9 +74,38 @@ def test_end_to_end_digits(store, shared):
     again = run_vision(BASE.replace(retrain="none"), other)
     assert other.records("vision-pretrain")[0]["from_cache"]
     assert again["metrics"]["dense_accuracy"] == perp["metrics"]["dense_accuracy"]
-    table = accuracy_table(accuracy_frame([perp, full, recal]), epochs=1)
-    assert list(table["method"]) == ["Dense", "Full IMP", "PERP (r=2)", "BN-Recalibrate", "No retraining"]
-    assert list(table.columns) == ["method", "% trainable", "80%"]
+    table = accuracy_table(accuracy_frame([perp, plain, full, recal]), epochs=1)
+    assert list(table["method"]) == ["Dense", "Full IMP", "PERP (r=2)", "PERP masked (r=2)", "BN-Recalibrate",
+                                     "No retraining"]  # fmt: skip
+    assert list(table.columns) == ["method", "% trainable", "Δ sparsity (pp)", "80%"]
+
+
+def test_allr_inputs_are_the_norm_drop_over_all_parameters(store):
+    perp = run_vision(BASE.replace(retrain="perp", lora_rank=2), store)
+    dense, _ = pretrained_model(BASE.pretrain_config(), store)
+    before = {k: p.detach().clone() for k, p in dense.named_parameters()}
+    weights = prunable_weights(dense)
+    alive = sum(int((w != 0).sum()) for w in weights.values())
+    prune_(dense, 0.8)
+    removed = alive - sum(int((w != 0).sum()) for w in prunable_weights(dense).values())
+    num = sum(float((before[k] - p.detach()).pow(2).sum()) for k, p in dense.named_parameters())
+    den = sum(float(v.pow(2).sum()) for v in before.values())  # BatchNorm and biases included
+    change = (num / den) ** 0.5
+    assert perp["cycles"][0]["relative_change"] == pytest.approx(change, rel=1e-6)
+    d = min(1.0, max(change / (removed / alive) ** 0.5, 1 / 4))
+    assert perp["metrics"]["allr_factor"] == pytest.approx(d, rel=1e-6)
+    prunable_only = relative_change({k: before[k] for k in weights}, prunable_weights(dense))
+    assert prunable_only > change  # the official code's choice is visible in the number
+
+
+def test_missing_pretrained_weights_are_recomputed(store, shared, capsys):
+    cfg = BASE.replace(retrain="none", seed=3)
+    first = run_vision(cfg, store)
+    weights = shared / "cache" / "vision" / f"pretrained-{first['pretrain_key']}.pt"
+    weights.unlink()
+    again = run_vision(cfg, store, force=True)
+    assert "missing from the cache" in capsys.readouterr().out and weights.exists()
+    assert again["metrics"]["dense_accuracy"] == first["metrics"]["dense_accuracy"]
 
 
 @pytest.mark.slow
@@ -72,8 +117,10 @@ def test_magnitude_conservation_cycles(store):
     assert frozen["metrics"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert 0 < frozen["metrics"]["trainable_share"] < 1 and full["metrics"]["trainable_share"] == 1.0
     t = table12([full, frozen])
-    assert list(t.columns) == ["unfreeze", "reverse", "% agg. trainable", "2"]
-    assert t["2"].iloc[0] == pytest.approx(round(frozen["metrics"]["accuracy"] - full["metrics"]["accuracy"], 2))
+    assert list(t.columns) == ["unfreeze", "reverse", "% agg. trainable", "Δ acc, 2 cycles"]
+    assert t["Δ acc, 2 cycles"].iloc[0] == pytest.approx(
+        round(frozen["metrics"]["accuracy"] - full["metrics"]["accuracy"], 2)
+    )
 
 
 def test_cli_run_and_errors(store, tmp_path, capsys):
@@ -113,6 +160,9 @@ def test_add_vision_args_to_a_parser_with_shared_options():
     ({"freeze": "unfreeze", "retrain": "perp"}, "applies to retrain 'full'"),
     ({"epochs": 0, "retrain": "perp"}, "needs epochs >= 1"),
     ({"prune": "none"}, "keeps the model dense"),
+    ({"lora": "dense"}, "lora must be one of"),
+    ({"lora": "plain", "cycles": 2}, "cannot start another"),
+    ({"nesterov": 1}, "nesterov must be"),
 ])  # fmt: skip
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):

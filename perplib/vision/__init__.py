@@ -1,18 +1,16 @@
 """The vision track: ResNets on image classification, global magnitude pruning and parameter-
 efficient retraining (paper Section 3.1, 3.4, Appendix A-B)."""
 
+from .artefacts import accuracy_frame, accuracy_table, claims_31, claims_34, cost_table, table12
 from .data import DATASETS, available, load_vision_data
 from .experiments import (
     PretrainConfig,
     VisionConfig,
-    accuracy_frame,
-    accuracy_table,
-    first_layer_feature_map,
+    layer_output,
     models_for_features,
     pretrained_model,
     run_vision,
     run_vision_grid,
-    table12,
 )
 from .models import VISION_MODELS, build_model, is_vision_model
 from .pruning import ALLOCATIONS, prune_
@@ -21,6 +19,7 @@ from .schedules import SCHEDULES
 
 __all__ = [
     "ALLOCATIONS", "DATASETS", "METHODS", "SCHEDULES", "VISION_MODELS", "PretrainConfig", "VisionConfig",
-    "accuracy_frame", "accuracy_table", "available", "build_model", "first_layer_feature_map", "is_vision_model",
-    "load_vision_data", "models_for_features", "pretrained_model", "prune_", "run_vision", "run_vision_grid", "table12",
+    "accuracy_frame", "accuracy_table", "available", "build_model", "claims_31", "claims_34", "cost_table",
+    "is_vision_model", "layer_output", "load_vision_data", "models_for_features", "pretrained_model", "prune_",
+    "run_vision", "run_vision_grid", "table12",
 ]  # fmt: skip

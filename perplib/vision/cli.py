@@ -40,6 +40,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "--epochs": (int, "retraining epochs per prune-retrain cycle"),
     "--schedule": (str, f"retraining LR schedule: {', '.join(SCHEDULES)} (default allr)"),
     "--warmup": (float, "warmup fraction of each retraining cycle"),
+    "--lora": (str, "PERP LoRA kind: masked (merged, exact sparsity; default) | plain (the paper's, unmerged)"),
     "--lora-rank": (int, "PERP LoRA rank"),
     "--lora-alpha": (float, "PERP LoRA alpha (default: the rank)"),
     "--recal-batches": (int, "batches for BN-Recalibrate (default: one epoch)"),

@@ -3,8 +3,10 @@
 
 ``run_vision(config, store)`` returns one record with the whole :class:`VisionConfig`, dense,
 pruned and retrained accuracy, trainable share, sparsity after merging, epoch time and peak
-memory. Pretraining is itself a record (kind ``vision-pretrain``) whose weights are cached under
-``perplib.paths.cache_dir()/vision`` by configuration, so it runs once.
+memory, and the schedule choices it made (warmup, ALLR's norm, FT's rate, Nesterov). Pretraining is
+itself a record (kind ``vision-pretrain``) whose weights are cached under
+``perplib.paths.cache_dir()/vision`` by configuration key, so it runs once; the record names the
+weights by that key, never by a machine path, and weights missing from the cache are recomputed.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import torch
 from torch import nn
 
 from .. import paths
-from ..lora import LoraSpec
+from ..lora import LORA_KINDS, LoraSpec
 from ..results import ResultStore, config_key
 from . import data as vdata
 from .freezing import GradualFreezer, cycle_sparsities
 from .lora import MaskedLoRAConv, merge_conv_lora_
-from .models import VISION_MODELS, accuracy, build_model, first_conv_name, has_batchnorm
+from .models import VISION_MODELS, accuracy, build_model, has_batchnorm
 from .pruning import ALLOCATIONS, model_sparsity, parse_ratio, prunable_weights, prune_, relative_change
 from .retrain import (
-    METHOD_LABELS,
     METHODS,
     TRAINED,
     base_parameter_count,
@@ -36,7 +37,7 @@ from .retrain import (
     recalibrate_bn_,
     train_epochs_,
 )
-from .schedules import SCHEDULES, allr_factor, pretrain_lr, retrain_lr
+from .schedules import SCHEDULES, WARMUP, allr_factor, final_pretrain_lr, pretrain_lr, retrain_lr
 
 FREEZE_MODES = ("none", "freeze", "unfreeze")
 EVAL_BATCH = 512
@@ -69,6 +70,7 @@ class PretrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    nesterov: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class VisionConfig:
     lr: float = field(default=0.1, metadata={"help": "maximal (pretraining) learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum (official code)"})
     # pruning (Appendix A.2)
     prune: str = field(default="global", metadata={"help": f"allocation: {ALLOCATIONS}, or none (dense)"})
     sparsity: float = field(default=0.9, metadata={"help": "final fraction of prunable weights removed, in [0, 1)"})
@@ -95,7 +98,10 @@ class VisionConfig:
     retrain: str = field(default="perp", metadata={"help": f"one of {METHODS}"})
     epochs: int = field(default=1, metadata={"help": "retraining epochs per prune-retrain cycle"})
     schedule: str = field(default="allr", metadata={"help": f"retraining LR schedule: {SCHEDULES}"})
-    warmup: float = field(default=0.05, metadata={"help": "warmup fraction of a retraining cycle (allr/slr/clr/llr)"})
+    warmup: float = field(default=WARMUP, metadata={"help": "warmup fraction of a retraining cycle (allr/slr/clr/llr)"})
+    lora: str = field(
+        default="masked", metadata={"help": "PERP LoRA kind: masked (merged, exact sparsity) | plain (paper)"}
+    )
     lora_rank: int = field(default=10, metadata={"help": "PERP LoRA rank (paper: 1, 2, 5, 10)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "PERP LoRA alpha; None: alpha = rank"})
     recal_batches: int | None = field(default=None, metadata={"help": "BN-Recalibrate batches (None: one epoch)"})
@@ -135,6 +141,12 @@ class VisionConfig:
         _choice("retrain", self.retrain, METHODS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("freeze", self.freeze, FREEZE_MODES)
+        _choice("lora", self.lora, LORA_KINDS)
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
+        if self.retrain == "perp" and self.lora == "plain" and self.cycles > 1:
+            raise ValueError("plain LoRA stays unmerged, so it cannot start another prune-retrain cycle; "
+                             f"use lora 'masked' or cycles 1 (got cycles {self.cycles})")  # fmt: skip
         if self.retrain in TRAINED and self.epochs < 1:
             raise ValueError(f"retrain method '{self.retrain}' needs epochs >= 1, got {self.epochs}")
         if self.freeze != "none" and self.retrain != "full":
@@ -148,12 +160,12 @@ class VisionConfig:
         return PretrainConfig(
             model=self.model, data=self.data, data_root=self.data_root, train_subset=self.train_subset,
             test_subset=self.test_subset, seed=self.seed, epochs=self.pretrain_epochs, batch_size=self.batch_size,
-            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov,
         )  # fmt: skip
 
     def lora_spec(self) -> LoraSpec:
         alpha = float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
-        return LoraSpec(kind="masked", rank=self.lora_rank, alpha=alpha)
+        return LoraSpec(kind=self.lora, rank=self.lora_rank, alpha=alpha)
 
     def replace(self, **changes: Any) -> VisionConfig:
         return replace(self, **changes)
@@ -199,7 +211,8 @@ def pretrained_model(
     """The dense pretrained model of ``config`` and its record; trains it (Table 3) only when
     neither the record nor the cached weights exist."""
     store = store or ResultStore()
-    weights = paths.cache_dir() / "vision" / f"pretrained-{config_key(config)}.pt"
+    weights_key = f"vision/pretrained-{config_key(config)}.pt"  # under paths.cache_dir(); no machine path
+    weights = paths.cache_dir() / weights_key
     data = load_data(config)
     model = _fresh_model(config, data).to(device)
 
@@ -210,7 +223,7 @@ def pretrained_model(
         stats = train_epochs_(
             model, data, epochs=config.epochs, lr_fn=lambda t: pretrain_lr(t, config.lr, config.epochs),
             batch_size=config.batch_size, momentum=config.momentum, weight_decay=config.weight_decay,
-            seed=config.seed, device=device,
+            nesterov=config.nesterov, seed=config.seed, device=device,
         )  # fmt: skip
         train_s = time.perf_counter() - start
         weights.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +239,8 @@ def pretrained_model(
                 "train_images": data.size("train"),
             },
             "timings": {"train_s": train_s, "epoch_time_s": stats["epoch_time_s"]},
-            "weights": str(weights),
+            "weights": weights_key,
+            "final_lr": final_pretrain_lr(config.lr, config.epochs, _steps(data, config.batch_size)),
         }
 
     def evaluate_cached() -> dict[str, Any]:
@@ -239,14 +253,21 @@ def pretrained_model(
                 "train_images": data.size("train"),
             },
             "timings": {},
-            "weights": str(weights),
+            "weights": weights_key,
+            "final_lr": final_pretrain_lr(config.lr, config.epochs, _steps(data, config.batch_size)),
             "from_cache": True,
         }
 
     if weights.exists():
         model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
         return model, store.run("vision-pretrain", config, evaluate_cached)
+    if store.get("vision-pretrain", config) is not None:
+        print(f"pretrained weights '{weights_key}' are missing from the cache ({paths.cache_dir()}): pretraining again")
     return model, store.run("vision-pretrain", config, train, force=True)
+
+
+def _steps(data: vdata.VisionData, batch_size: int) -> int:
+    return -(-data.size("train") // batch_size)
 
 
 def _execute(config: VisionConfig, store: ResultStore, device: str, log, keep_models: bool = False):
@@ -263,21 +284,25 @@ def _execute(config: VisionConfig, store: ResultStore, device: str, log, keep_mo
     masks, cycles, shares, epoch_times, peaks = None, [], [], [], []
     timings = {"prune_s": 0.0, "retrain_s": 0.0}
     spec = config.lora_spec()
+    ft_lr = final_pretrain_lr(config.lr, config.pretrain_epochs, _steps(data, config.batch_size))
     for c, target in enumerate(cycle_sparsities(config.sparsity, config.cycles)):
         t0 = time.perf_counter()
-        before = {k: w.detach().clone() for k, w in prunable_weights(model).items()}
-        alive = sum(int((w != 0).sum()) for w in before.values())
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        alive = sum(int((w != 0).sum()) for w in prunable_weights(model).values())
         if config.prune != "none":
             masks = prune_(model, target, config.prune, masks)
-        after = prunable_weights(model)
-        removed = alive - sum(int((w != 0).sum()) for w in after.values())
-        d = allr_factor(relative_change(before, after), removed / max(alive, 1), config.epochs, config.pretrain_epochs)
+        removed = alive - sum(int((w != 0).sum()) for w in prunable_weights(model).values())
+        # ALLR (official code): the norm drop over all parameters, the pruned fraction of prunable weights
+        change = relative_change(before, dict(model.named_parameters()))
+        d = allr_factor(change, removed / max(alive, 1), config.epochs, config.pretrain_epochs)
+        del before
         timings["prune_s"] += time.perf_counter() - t0
         pruned_acc = _test_acc(model, data, "test", device)
         if keep_models and c == config.cycles - 1:
             models["pruned"] = copy.deepcopy(model)
         t0 = time.perf_counter()
-        entry = {"cycle": c + 1, "sparsity": target, "pruned_accuracy": pruned_acc, "allr_factor": d}
+        entry = {"cycle": c + 1, "sparsity": target, "pruned_accuracy": pruned_acc, "allr_factor": d,
+                 "relative_change": change}  # fmt: skip
         if config.retrain == "bn-recalibrate":
             recalibrate_bn_(model, data.batches("train", config.batch_size, shuffle=True, seed=config.seed,
                                                 limit=config.recal_batches), device)  # fmt: skip
@@ -291,22 +316,25 @@ def _execute(config: VisionConfig, store: ResultStore, device: str, log, keep_mo
                 )
             lr_fn = retrain_lr(
                 config.schedule, lr_max=config.lr, pretrain_epochs=config.pretrain_epochs,
-                retrain_epochs=config.epochs, allr_d=d, warmup=config.warmup,
+                retrain_epochs=config.epochs, allr_d=d, warmup=config.warmup, ft_lr=ft_lr,
             )  # fmt: skip
             stats = train_epochs_(
                 model, data, epochs=config.epochs, lr_fn=lr_fn, batch_size=config.batch_size,
-                masks=masks, momentum=config.momentum,
-                weight_decay=config.weight_decay, seed=config.seed + 1000 * (c + 1), device=device, on_epoch=freezer,
+                masks=masks, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
+                seed=config.seed + 1000 * (c + 1), device=device, on_epoch=freezer,
             )  # fmt: skip
             if config.recalibrate and has_batchnorm(model):
                 # P(BN-Recalibrate) ⊂ P(method): short retraining leaves momentum-averaged statistics stale
                 recalibrate_bn_(model, data.batches("train", config.batch_size, shuffle=True, seed=config.seed,
                                                     limit=config.recal_batches), device)  # fmt: skip
             lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-            entry["sparsity_unmerged"] = _zeros(model) / (
+            # storage sparsity: unmerged plain adapters are dense parameters next to the sparse kernels
+            entry["sparsity_with_adapters"] = _zeros(model) / (
                 sum(w.numel() for w in prunable_weights(model).values()) + lora_params
             )
-            merge_conv_lora_(model)
+            if config.lora == "masked" or config.retrain != "perp":
+                merge_conv_lora_(model)  # exact: every zero kept
+                entry["sparsity_with_adapters"] = model_sparsity(model)
             for p in model.parameters():
                 p.requires_grad_(True)
             shares.extend(freezer.shares if freezer else [trainable / base_params] * config.epochs)
@@ -319,14 +347,14 @@ def _execute(config: VisionConfig, store: ResultStore, device: str, log, keep_mo
         cycles.append(entry)
     if keep_models:
         models["retrained"] = model
-    assert not any(isinstance(m, MaskedLoRAConv) for m in model.modules())
+    assert config.lora == "plain" or not any(isinstance(m, MaskedLoRAConv) for m in model.modules())
     metrics = {
         "dense_accuracy": pre["metrics"]["test_accuracy"],
         "pruned_accuracy": cycles[-1]["pruned_accuracy"],
         "accuracy": cycles[-1]["accuracy"],
         "val_accuracy": _test_acc(model, data, "val", device),
         "sparsity": model_sparsity(model),
-        "sparsity_unmerged": cycles[-1].get("sparsity_unmerged", model_sparsity(model)),
+        "sparsity_with_adapters": cycles[-1].get("sparsity_with_adapters", model_sparsity(model)),
         "trainable_share": sum(shares) / max(len(shares), 1),
         "allr_factor": cycles[-1]["allr_factor"],
         "peak_memory_mb": max(peaks) if peaks else 0.0,
@@ -339,6 +367,14 @@ def _execute(config: VisionConfig, store: ResultStore, device: str, log, keep_mo
         "timings": timings,
         "cycles": cycles,
         "pretrain_key": pre["key"],
+        "schedule": {  # the choices of the official code, recorded
+            "warmup": config.warmup,
+            "warmup_shape": "half-cosine",
+            "allr_norm": "all parameters",
+            "ft_lr": ft_lr,
+            "nesterov": config.nesterov,
+            "lora": config.lora if config.retrain == "perp" else None,
+        },  # fmt: skip
         "device": str(device),
     }
     return result, models
@@ -378,10 +414,31 @@ def run_vision_grid(
         if log:
             m = rec["metrics"]
             tag = "reused" if rec.get("reused") else f"{time.perf_counter() - t0:.1f}s"
-            log(f"[{i}/{len(configs)}] {config.retrain} s={config.sparsity:g} ep={config.epochs} "
-                f"r={config.lora_rank}: acc {m['accuracy']:.2f} (pruned {m['pruned_accuracy']:.2f}) {tag}")  # fmt: skip
+            method = f"perp {config.lora} r={config.lora_rank}" if config.retrain == "perp" else config.retrain
+            log(f"[{i}/{len(configs)}] {method} s={config.sparsity:g} ep={config.epochs}: acc {m['accuracy']:.2f} (pruned {m['pruned_accuracy']:.2f}) {tag}")  # fmt: skip
         records.append(rec)
     return records
+
+
+def grid_configs(
+    base: VisionConfig,
+    sparsities: Iterable[float],
+    methods: Iterable[str],
+    *,
+    epochs: int,
+    perp_ranks: Iterable[int] = (),
+    masked_ranks: Iterable[int] = (),
+) -> list[VisionConfig]:
+    """Figure 2/4's runs: every method at every sparsity; PERP once per plain-LoRA rank (the
+    paper's) and per masked-LoRA rank (perplib's)."""
+    runs: list[tuple[str, str, int]] = []
+    for m in methods:
+        if m == "perp":
+            runs += [("perp", "plain", r) for r in perp_ranks] + [("perp", "masked", r) for r in masked_ranks]
+        else:
+            runs.append((m, base.lora, base.lora_rank))
+    return [base.replace(retrain=m, lora=k, lora_rank=r, sparsity=s, epochs=epochs) for s in sparsities
+            for m, k, r in runs]  # fmt: skip
 
 
 def models_for_features(
@@ -392,79 +449,20 @@ def models_for_features(
 
 
 @torch.no_grad()
-def first_layer_feature_map(model: nn.Module, image: torch.Tensor, filter_index: int) -> torch.Tensor:
-    """Output of one filter of the first convolution for one image ``[C, H, W]`` (Figure 1)."""
-    conv = model.get_submodule(first_conv_name(model))
-    if not 0 <= filter_index < conv.out_channels:
-        raise ValueError(f"filter_index must be in [0, {conv.out_channels}), got {filter_index}")
-    return conv(image.unsqueeze(0).to(conv.weight.device))[0, filter_index].cpu()
-
-
-def method_label(method: str, rank: int | None = None) -> str:
-    return f"PERP (r={rank})" if method == "perp" and rank is not None else METHOD_LABELS[method]
-
-
-def accuracy_frame(records: Iterable[dict[str, Any]]):
-    """Tidy frame (method, rank, sparsity, epochs, accuracy, ...) of one-shot records, plus a
-    'No retraining' row per sparsity from the pruned accuracy (Figures 2 and 4)."""
-    import pandas as pd
-
-    rows = []
-    for r in records:
-        c, m = r["config"], r["metrics"]
-        label = method_label(c["retrain"], c["lora_rank"] if c["retrain"] == "perp" else None)
-        base = {"sparsity": c["sparsity"], "epochs": c["epochs"], "dense": m["dense_accuracy"]}
-        rows.append({**base, "method": label, "accuracy": m["accuracy"], "trainable_share": m["trainable_share"],
-                     "sparsity_after_merge": m["sparsity"], "epoch_time_s": r["timings"]["epoch_time_s"]})  # fmt: skip
-        rows.append({**base, "method": METHOD_LABELS["none"], "accuracy": m["pruned_accuracy"], "trainable_share": 0.0,
-                     "sparsity_after_merge": m["sparsity"], "epoch_time_s": 0.0})  # fmt: skip
-    df = pd.DataFrame(rows).drop_duplicates(subset=["method", "sparsity", "epochs"])
-    return df.sort_values(["epochs", "method", "sparsity"]).reset_index(drop=True)
-
-
-def _rank(label: str) -> int:
-    return int(label.split("=")[1].rstrip(")")) if "=" in label else 0
-
-
-def accuracy_table(frame, epochs: int):
-    """Figure 2/4 as a table: one row per method, one column per sparsity, a 'Dense' row on top."""
-    import pandas as pd
-
-    part = frame[frame["epochs"] == epochs]
-    table = part.pivot_table(index="method", columns="sparsity", values="accuracy").round(2)
-    order = [lbl for lbl in ["Full IMP"] + sorted((x for x in table.index if x.startswith("PERP")), key=_rank)
-             + ["Linear Probing", "BN-Parameters", "Biases", "BN-Recalibrate", "No retraining"] if lbl in table.index]  # fmt: skip
-    table = table.loc[order]
-    dense = pd.DataFrame([[part["dense"].iloc[0]] * table.shape[1]], index=["Dense"], columns=table.columns).round(2)
-    out = pd.concat([dense, table])
-    out.columns = [f"{s:.0%}" for s in out.columns]
-    share = part.groupby("method")["trainable_share"].mean()
-    out.insert(0, "% trainable", [float("nan")] + [round(100 * share.get(i, 0.0), 3) for i in table.index])
-    return out.reset_index(names="method")
-
-
-def table12(records: Iterable[dict[str, Any]]):
-    """Table 12: accuracy difference to Full IMP (no freezing) per (unfreeze, reverse) and number
-    of cycles, with the aggregated trainable share."""
-    import pandas as pd
-
-    records = list(records)
-    full = {r["config"]["cycles"]: r["metrics"]["accuracy"] for r in records if r["config"]["freeze"] == "none"}
-    rows = []
-    for r in records:
-        c, m = r["config"], r["metrics"]
-        if c["freeze"] == "none" or c["cycles"] not in full:
-            continue
-        rows.append({"unfreeze": "✓" if c["freeze"] == "unfreeze" else "✗", "reverse": "✓" if c["reverse"] else "✗",
-                     "cycles": c["cycles"], "share": m["trainable_share"], "diff": m["accuracy"] - full[c["cycles"]]})  # fmt: skip
-    if not rows:
-        raise ValueError("table12 needs freezing runs and Full IMP runs with the same number of cycles")
-    df = pd.DataFrame(rows)
-    share = df.groupby(["unfreeze", "reverse"])["share"].mean().mul(100).round(2).rename("% agg. trainable")
-    diff = df.pivot_table(index=["unfreeze", "reverse"], columns="cycles", values="diff").round(2)
-    out = pd.concat([share, diff], axis=1).sort_values("% agg. trainable", ascending=False)
-    out.columns = [str(c) for c in out.columns]
-    return out.reset_index()
+def layer_output(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """Output ``[N, C, H, W]`` of the module ``layer`` for ``images`` ``[N, C, H, W]``, in eval mode
+    (a LoRA-wrapped layer gives its adapted output). Figure 1."""
+    module = model.get_submodule(layer)
+    out: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, o: out.append(o.detach().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        model(images.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return out[0]
 
 
 def config_dict(config: VisionConfig) -> dict[str, Any]:

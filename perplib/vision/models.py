@@ -4,7 +4,10 @@
 For small inputs (28x28 Fashion-MNIST, 8x8 digits) the stem becomes a 3x3 stride-1 convolution
 without max-pooling, the usual small-image variant, so the feature maps do not vanish.
 ``resnet-tiny`` / ``resnet-small`` are three-stage ResNets built from torchvision's BasicBlock
-for laptops and tests.
+for laptops and tests. ``resnet18-half`` (the embedded profile's model) is ResNet-18 at half
+width (32-64-128-256 channels, 2.8M parameters for 10 classes) with a 3x3 stride-2 stem and no
+max-pooling, so a 28x28 image enters the first stage at 14x14: wide enough that the paper's LoRA
+ranks (1-10) train a small share of the model, as on ResNet-50.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-VISION_MODELS = ("resnet18", "resnet50", "resnet-small", "resnet-tiny")
+VISION_MODELS = ("resnet18", "resnet50", "resnet18-half", "resnet-small", "resnet-tiny")
 SMALL_INPUT = 64  # images below this side length get the small-input stem
 _SMALL = {"resnet-small": ((16, 32, 64), (2, 2, 2)), "resnet-tiny": ((8, 16, 32), (1, 1, 1))}
 
@@ -54,6 +57,30 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def half_resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 layout at half width with a 3x3 stride-2 stem and no max-pooling."""
+    model = tv.ResNet(tv.BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width_per_group=64)
+    widths, width_in = (32, 64, 128, 256), 32
+    model.conv1 = nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False)
+    model.bn1 = nn.BatchNorm2d(32)
+    model.maxpool = nn.Identity()
+    for i, width in enumerate(widths):
+        blocks = []
+        for j in range(2):
+            stride = 2 if i > 0 and j == 0 else 1
+            down = None
+            if j == 0 and (stride != 1 or width_in != width):
+                down = nn.Sequential(tv.conv1x1(width_in, width, stride), nn.BatchNorm2d(width))
+            blocks.append(tv.BasicBlock(width_in, width, stride, down))
+            width_in = width
+        setattr(model, f"layer{i + 1}", nn.Sequential(*blocks))
+    model.fc = nn.Linear(width_in, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
 def build_model(
     name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224, seed: int = 0
 ) -> nn.Module:
@@ -64,6 +91,8 @@ def build_model(
     if name in _SMALL:
         widths, blocks = _SMALL[name]
         return SmallResNet(widths, blocks, in_channels, num_classes)
+    if name == "resnet18-half":
+        return half_resnet18(in_channels, num_classes)
     model = getattr(tv, name)(weights=None, num_classes=num_classes)
     if image_size < SMALL_INPUT:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)

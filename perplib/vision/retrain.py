@@ -9,10 +9,11 @@ Each method updates a superset of the previous one's parameters:
 - ``biases``: + every bias that is not BatchNorm's (for a ResNet only the head's);
 - ``bn-parameters``: + BatchNorm weights and biases;
 - ``linear-probing``: + the head (the last linear layer);
-- ``perp``: + masked LoRA on every convolution and linear layer except the head;
+- ``perp``: + LoRA (masked or plain) on every convolution and linear layer except the head;
 - ``full`` (Full IMP): every parameter, the pruning mask enforced after each step.
 
-Training uses SGD with momentum 0.9 and weight decay 1e-4 (Appendix A.1), in train mode, so
+Training uses SGD with Nesterov momentum 0.9 (as the official code) and weight decay 1e-4
+(Appendix A.1), in train mode, so
 BatchNorm statistics are updated by every trained method.
 """
 
@@ -150,6 +151,7 @@ def train_epochs_(
     masks: dict[str, torch.Tensor] | None = None,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
+    nesterov: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int], None] | None = None,
@@ -167,7 +169,8 @@ def train_epochs_(
     if not params and on_epoch is None:
         raise ValueError("nothing to train: no parameter requires a gradient")
     params = params if on_epoch is None else list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay,
+                          nesterov=nesterov and momentum > 0)  # fmt: skip
     loss_fn = nn.CrossEntropyLoss()
     steps = -(-data.size("train") // batch_size)
     if max_batches is not None:
