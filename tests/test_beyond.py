@@ -12,7 +12,7 @@ from perplib.allocation import Allocation, apportion, layer_counts, outlier_rati
 from perplib.config import RunConfig
 from perplib.models import tiny_model
 from perplib.pruning import prune_
-from perplib.reconstruct import ReconstructSpec, Reconstruction, block_loss, parse_groups, reconstruct_block_
+from perplib.reconstruct import Reconstruction, ReconstructSpec, block_loss, parse_groups, reconstruct_block_
 from perplib.sparsity import Sparsity, count_mask
 
 
