@@ -245,7 +245,8 @@ def prune_(
     walk = method in CALIBRATED or bool(hooks)
     if hooks and calibration is None:
         raise ValueError(f"block hooks ({type(hooks[0]).__name__}) run on calibration data; got None")
-    calib = _check_calibration(calibration, method) if walk or allocation.kind != "uniform" else None
+    measure = allocation.kind != "uniform" and outlier_ratios is None  # OWL ratios from calibration
+    calib = _check_calibration(calibration, method) if walk or measure else None
     device = torch.device(device) if device is not None else _default_device(model)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
