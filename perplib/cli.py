@@ -169,6 +169,25 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="calibration text for wanda/sparsegpt: wiki-vital (embedded), c4, wikitext2 or a text file")  # fmt: skip
     g.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples, help="calibration windows of --seqlen tokens")
     g.add_argument("--save", metavar="DIR", help="write the pruned model as a Hugging Face checkpoint (safetensors)")
+    add_beyond_args(p)
+
+
+def add_beyond_args(p: argparse.ArgumentParser) -> None:
+    """Layer-wise allocation (OWL) and block-wise reconstruction (notebook 40), for prune and run."""
+    g = p.add_argument_group("beyond the paper: OWL allocation, block-wise reconstruction")
+    g.add_argument("--allocation", choices=["uniform", "owl"],
+                   help="uniform: every layer at --sparsity (default); owl: per-block sparsities from outlier ratios "
+                        "(unstructured only; needs calibration windows, also with magnitude)")  # fmt: skip
+    g.add_argument("--owl-m", dest="owl_m", type=float, help=f"OWL outlier threshold M (default {DEFAULTS.owl_m:g})")
+    g.add_argument("--owl-lambda", dest="owl_lambda", type=float,
+                   help=f"OWL: block sparsities within ±λ of the target (default {DEFAULTS.owl_lambda:g})")  # fmt: skip
+    g.add_argument("--reconstruct", metavar="GROUPS",
+                   help="fit each pruned block to the dense block's outputs on the calibration windows, training "
+                        "'+'-joined groups of weights, biases, norms, lora (zeros kept; LoRA merged per block)")  # fmt: skip
+    g.add_argument("--reconstruct-steps", dest="reconstruct_steps", type=int,
+                   help=f"AdamW steps per block (default {DEFAULTS.reconstruct_steps})")  # fmt: skip
+    g.add_argument("--reconstruct-lr", dest="reconstruct_lr", type=float,
+                   help=f"reconstruction learning rate (default {DEFAULTS.reconstruct_lr:g})")  # fmt: skip
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -233,6 +252,7 @@ def add_run_llm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, help="also track held-out perplexity every K steps (Figure 3)")
     g.add_argument("--save", metavar="DIR",
                    help="write the final model as a Hugging Face checkpoint (plain LoRA: adapter in DIR/adapter)")  # fmt: skip
+    add_beyond_args(p)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

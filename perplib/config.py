@@ -8,7 +8,7 @@ with messages that name the bad value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from .sparsity import Sparsity
 
@@ -97,6 +97,25 @@ class RunConfig:
     eval: str = field(default="wiki-vital", metadata={"help": "evaluation text source"})
     windows: int | None = field(default=64, metadata={"help": "first K eval windows (None: all)"})
     zero_shot: str = field(default="", metadata={"help": "comma-separated lm-eval tasks ('paper': Table 11's seven)"})
+    # beyond the paper (notebook 40): layer-wise allocation and block-wise reconstruction
+    allocation: str = field(default="uniform", metadata={"help": "layer-wise sparsity: uniform | owl"})
+    owl_m: float = field(default=5.0, metadata={"help": "OWL: outlier threshold M (x the block's mean score)"})
+    owl_lambda: float = field(default=0.08, metadata={"help": "OWL: block sparsities within ±λ of the target"})
+    reconstruct: str = field(default="", metadata={"help": "block-wise reconstruction: '' (off) or '+'-joined "
+                             "groups of weights|biases|norms|lora"})  # fmt: skip
+    reconstruct_steps: int = field(default=8, metadata={"help": "reconstruction AdamW steps per block"})
+    reconstruct_lr: float = field(default=2e-4, metadata={"help": "reconstruction learning rate"})
+
+    # Fields added after records were first stored: left out of the record's key while at their
+    # default, so the records of every configuration that existed before keep their keys.
+    KEY_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "allocation",
+        "owl_m",
+        "owl_lambda",
+        "reconstruct",
+        "reconstruct_steps",
+        "reconstruct_lr",
+    )
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -121,6 +140,25 @@ class RunConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not (0 <= self.warmup < 1):
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        from .allocation import Allocation
+
+        allocation = Allocation(self.allocation, self.owl_m, self.owl_lambda)
+        if self.prune != "none":
+            allocation.check(Sparsity.parse(self.sparsity), self.prune, calibrated=True)
+        if self.reconstruct:
+            from .reconstruct import ReconstructSpec, parse_groups
+
+            if self.prune == "none":
+                raise ValueError("reconstruct fits pruned blocks to the dense ones: it needs a prune method")
+            ReconstructSpec(parse_groups(self.reconstruct), self.reconstruct_steps, self.reconstruct_lr)
+
+    def key_view(self) -> dict[str, Any]:
+        """The configuration as the results store keys it (see ``KEY_OMITS_DEFAULT``)."""
+        defaults = RunConfig.__dataclass_fields__
+        return {
+            f.name: getattr(self, f.name) for f in fields(self)
+            if not (f.name in self.KEY_OMITS_DEFAULT and getattr(self, f.name) == defaults[f.name].default)
+        }  # fmt: skip
 
     @property
     def zero_shot_tasks(self) -> tuple[str, ...]:

@@ -114,6 +114,7 @@ CUTS: dict[str, Callable[[Any], Any]] = {
     "retrain_epochs": lambda v: [min(v[0], 1)],
     "epochs_per_cycle": _at_most(1),
     "recal_batches": _at_most(2),
+    "recon_nsamples": _at_most(4),
 }
 
 

@@ -89,7 +89,11 @@ def validate(config: RunConfig, placement: dict | None = None) -> None:
 
 
 def _execute(
-    config: RunConfig, device: torch.device, save: str | None, placement: dict | None = None
+    config: RunConfig,
+    device: torch.device,
+    save: str | None,
+    placement: dict | None = None,
+    store: ResultStore | None = None,
 ) -> dict[str, Any]:
     from . import data, evaluation, models, offload
 
@@ -109,12 +113,18 @@ def _execute(
 
         t0 = time.perf_counter()
         calib = None
-        if config.prune != "magnitude":  # magnitude needs no calibration data
+        # magnitude needs no calibration data, unless OWL or reconstruction does
+        if config.prune != "magnitude" or config.allocation != "uniform" or config.reconstruct:
             calib = data.sample_windows(tokenizer, config.calib, config.nsamples, config.seqlen, seed=config.seed)
+        extra = _beyond_arguments(config, model, calib, device, store, timings)
+        t0 += timings.get("owl_ratios_new_s", 0.0)  # measured ratios are counted apart, in owl_ratios_s
+        timings.pop("owl_ratios_new_s", None)
         # PruneReport.as_dict() carries "sparsity" (overall achieved), per-layer sparsity and phase times
-        report = prune_(model, config.prune, config.sparsity, calib, scope=config.scope, device=device)
+        report = prune_(model, config.prune, config.sparsity, calib, scope=config.scope, device=device, **extra)
         timings["prune_s"] = time.perf_counter() - t0
         out["prune"] = report.as_dict() if hasattr(report, "as_dict") else asdict(report)
+        if extra.get("hooks"):
+            out["reconstruct"] = extra["hooks"][0].summary()
 
     if config.retrain != "none" and config.steps > 0:
         from .retrain import retrain_
@@ -171,6 +181,37 @@ def _execute(
     return {"metrics": metrics, "timings": timings, **out}
 
 
+def _beyond_arguments(config, model, calib, device, store, timings) -> dict[str, Any]:
+    """``prune_``'s allocation and hooks for notebook 40's methods. OWL's outlier ratios depend on
+    the dense model, the calibration windows and M only: they are measured once and kept as their
+    own record (kind ``owl-ratios``); every run that reuses them carries their cost in
+    ``timings['owl_ratios_s']``."""
+    extra: dict[str, Any] = {}
+    if config.allocation != "uniform":
+        from .allocation import Allocation, outlier_ratios
+
+        key = {k: getattr(config, k) for k in ("model", "dtype", "calib", "nsamples", "seqlen", "seed", "owl_m")}
+
+        def measure() -> dict[str, Any]:
+            got = outlier_ratios(model, calib, config.owl_m, device=device)
+            return {"ratios": got["ratios"], "timings": {"ratios_s": got["seconds"]}}
+
+        ratios = store.run("owl-ratios", key, measure) if store is not None else {**measure(), "reused": False}
+        timings["owl_ratios_s"] = ratios["timings"]["ratios_s"]
+        if not ratios["reused"]:
+            timings["owl_ratios_new_s"] = ratios["timings"]["ratios_s"]
+        extra["allocation"] = Allocation(config.allocation, config.owl_m, config.owl_lambda)
+        extra["outlier_ratios"] = ratios["ratios"]
+    if config.reconstruct:
+        from .reconstruct import Reconstruction, ReconstructSpec, parse_groups
+        from .retrain import lora_spec
+
+        spec = ReconstructSpec(parse_groups(config.reconstruct), config.reconstruct_steps, config.reconstruct_lr,
+                               lora_spec(config))  # fmt: skip
+        extra["hooks"] = [Reconstruction(spec)]
+    return extra
+
+
 def run_llm(
     config: RunConfig,
     store: ResultStore | None = None,
@@ -194,7 +235,9 @@ def run_llm(
     device = resolve_device(device)
     check_half_precision(config.dtype, device)
     store = store if store is not None else ResultStore()
-    return store.run(KIND, config, lambda: _execute(config, device, save, placement), force=force or save is not None)
+    return store.run(
+        KIND, config, lambda: _execute(config, device, save, placement, store), force=force or save is not None
+    )
 
 
 def describe(config: RunConfig, base: RunConfig | None = None) -> str:

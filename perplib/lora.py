@@ -327,7 +327,8 @@ def merge_(model: nn.Module, *, allow_dense: bool = False) -> list[str]:
             f"merging plain LoRA would fill the zeros of {len(unsafe)} pruned layers (e.g. {unsafe[0]}); "
             "keep it unmerged (the paper's choice), use masked LoRA, or pass allow_dense=True"
         )
-    head = model.get_output_embeddings()
+    # a decoder block (block-wise reconstruction) has no head to untie
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, LoraLayer):
         untie_head_(model)
     for name, layer in layers.items():

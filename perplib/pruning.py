@@ -8,6 +8,12 @@ the *dense* block, the block's linears are pruned, and the calibration activatio
 propagated through the *pruned* block to become the next block's inputs. Only one block's
 activations and statistics exist at a time; the model may stay on the CPU while each block visits
 ``device``.
+
+Two extension points keep other methods out of the driver: ``counts`` (weights to remove per
+layer, e.g. a layer-wise allocation such as OWL, :mod:`perplib.allocation`) and ``hooks``
+(:class:`BlockHook`: code that runs on each block before and after it is pruned, e.g. block-wise
+reconstruction, :mod:`perplib.reconstruct`). :func:`walk_blocks` is the walk itself, for passes
+that gather statistics without pruning.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,7 @@ from . import offload
 from .adapters import adapter_for, capture_block_inputs, run_block, to_device
 from .config import PRUNE_SCOPES
 from .criteria import column_norms, hessian, magnitude_scores, select, sparsegpt_prune, wanda_scores
-from .sparsity import Sparsity
+from .sparsity import Sparsity, count_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 CALIBRATED = ("wanda", "sparsegpt")
@@ -53,9 +59,26 @@ class PruneReport:
     pruned: int
     prunable: int
     timings: dict[str, float]
+    allocation: dict[str, Any] | None = None  # OWL: m, lam, ratios, block targets and achieved sparsities
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class BlockHook:
+    """Code that runs inside the calibration walk on every decoder block: ``start`` once with block
+    0's captured inputs, ``before`` on the dense block, ``after`` on the pruned block (before the
+    activations are propagated through it). ``inputs`` are the pruned model's activations; a hook
+    may change the block's weights in ``after`` (zeros must stay zeros). No-ops by default."""
+
+    def start(self, inputs: list) -> None:
+        pass
+
+    def before(self, index: int, block: nn.Module, inputs: list) -> None:
+        pass
+
+    def after(self, index: int, block: nn.Module, inputs: list) -> None:
+        pass
 
 
 def resolve_scope(method: str, scope: str) -> bool:
@@ -112,7 +135,7 @@ class _InputStats:
         return torch.triu(self.acc) + torch.triu(self.acc, 1).T
 
 
-def _collect(
+def collect_input_stats(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: list, full: bool, device: torch.device
 ) -> dict[str, _InputStats]:
     """One pass through the dense block; layers fed the same tensor (q/k/v, gate/up) share one
@@ -188,6 +211,10 @@ def prune_(
     batch_size: int = 8,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    allocation: Any = None,
+    outlier_ratios: Sequence[float] | None = None,
+    counts: Mapping[str, int] | None = None,
+    hooks: Sequence[BlockHook] = (),
 ) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model`` in place (Section 2.3, 3.3).
 
@@ -197,7 +224,14 @@ def prune_(
     (each criterion's reference default). ``device``: where each block is processed (default:
     CUDA when available); the model itself stays where it is. SparseGPT: ``blocksize`` columns
     per OBS block, damping ``percdamp`` x mean diagonal of ``H = 2XX^T/n`` (``n`` calibration
-    sequences). Calibration runs in eval mode; every module's mode is restored afterwards.
+    sequences). Calibration runs in eval mode; every module's mode is restored afterwards. ``counts``: how many
+    weights to remove in each prunable layer (by qualified name, every layer), instead of the uniform
+    ``sparsity`` (unstructured only; per-row scopes spread a layer's count over its rows, SparseGPT
+    per row rounds it to whole rows). ``hooks``: :class:`BlockHook` objects run on every block
+    (they need calibration data, whatever the criterion). ``allocation``: a
+    :class:`perplib.allocation.Allocation` (or 'uniform'/'owl'); OWL turns its outlier ratios (measured
+    on ``calibration``, or ``outlier_ratios`` from an earlier run) into ``counts``, and the report's
+    ``allocation`` says the block targets, achieved sparsities and ratios.
     """
     # ---- validate everything before any heavy work
     if method not in METHODS:
@@ -214,36 +248,77 @@ def prune_(
         )
     for name, lin in linears.items():
         sp.check_width(lin.in_features, name)
-    calib = _check_calibration(calibration, method) if method in CALIBRATED else None
+    from .allocation import Allocation, block_sparsities
+    from .allocation import plan as allocation_plan
+
+    allocation = Allocation(allocation) if isinstance(allocation, str) else allocation or Allocation()
+    allocation.check(sp, method, calibrated=calibration is not None or outlier_ratios is not None)
+    if allocation.kind != "uniform" and counts is not None:
+        raise ValueError("give either an allocation or per-layer counts, not both")
+    if counts is not None:
+        if sp.is_nm:
+            raise ValueError(f"per-layer counts (a layer-wise allocation) apply to unstructured sparsity, not {sp}")
+        if set(counts) != set(linears):
+            missing, extra = sorted(set(linears) - set(counts)), sorted(set(counts) - set(linears))
+            raise ValueError(f"counts must name every prunable layer: missing {missing[:3]}, unknown {extra[:3]}")
+        for name, k in counts.items():
+            if not (isinstance(k, int) and 0 <= k <= linears[name].weight.numel()):
+                raise ValueError(
+                    f"count of {name} must be an integer in [0, {linears[name].weight.numel()}], got {k!r}"
+                )
+    walk = method in CALIBRATED or bool(hooks)
+    if hooks and calibration is None:
+        raise ValueError(f"block hooks ({type(hooks[0]).__name__}) run on calibration data; got None")
+    measure = allocation.kind != "uniform" and outlier_ratios is None  # OWL ratios from calibration
+    calib = _check_calibration(calibration, method) if walk or measure else None
     device = torch.device(device) if device is not None else _default_device(model)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    info = None
+    if allocation.kind != "uniform":
+        counts, info = allocation_plan(
+            model, allocation, sp.ratio, calib, ratios=outlier_ratios, device=device, batch_size=batch_size
+        )
 
     timings = {"capture": 0.0, "stats": 0.0, "solve": 0.0, "propagate": 0.0}
     start = time.perf_counter()
-    nothing_to_do = not sp.is_nm and sp.ratio == 0
+    nothing_to_do = not sp.is_nm and sp.ratio == 0 and counts is None and not hooks
+    local = {}  # block-local layer name -> count, per block
+    if counts is not None:
+        for i in range(len(adapter.blocks(model))):
+            prefix = adapter.block_prefix(i) + "."
+            local[i] = {n[len(prefix) :]: k for n, k in counts.items() if n.startswith(prefix)}
 
     zeros: dict[str, int] = {}  # per layer, counted while its block is materialised
     if nothing_to_do:
         for i, block in enumerate(adapter.blocks(model)):
             with offload.materialized(block, offload.processing_device(block, device)):
                 _count_zeros(block, adapter.block_prefix(i), zeros)
-    elif method == "magnitude":
+    elif not walk:  # magnitude: no data
         t = time.perf_counter()
         for i, block in enumerate(adapter.blocks(model)):  # one block at a time: offloaded models too
             with offload.materialized(block, offload.processing_device(block, device), write_back=True):
-                for lin in block.modules():
-                    if isinstance(lin, nn.Linear):
-                        lin.weight.data.mul_(select(magnitude_scores(lin.weight.data), sp, per_row=per_row))
+                _prune_linears(block, "magnitude", None, sp, per_row, blocksize, percdamp, local.get(i))
                 _count_zeros(block, adapter.block_prefix(i), zeros)
         _sync(device)
         timings["solve"] = time.perf_counter() - t
     else:
-        _prune_calibrated(
-            model, adapter, method, sp, per_row, calib, device, batch_size, blocksize, percdamp, timings, zeros
-        )
+        if hooks:
+            timings["hooks"] = 0.0
+
+        def visit(i: int, block: nn.Module, inputs: list, at: torch.device) -> None:
+            _prune_block(block, inputs, method, sp, per_row, at, blocksize, percdamp, timings, local.get(i), i, hooks)
+            _count_zeros(block, adapter.block_prefix(i), zeros)
+
+        walk_blocks(model, calib, visit, device=device, batch_size=batch_size, timings=timings, hooks=hooks)
 
     timings["total"] = time.perf_counter() - start
+    if info is not None:  # OWL: the ratios' time is reported apart (0 when they were given)
+        timings["ratios"] = info.pop("ratios_s")
+        sizes = {n: lin.weight.numel() for n, lin in linears.items()}
+        prefixes = [adapter.block_prefix(i) + "." for i in range(len(adapter.blocks(model)))]
+        block_of = {n: i for i, p in enumerate(prefixes) for n in linears if n.startswith(p)}
+        info["achieved"] = block_sparsities({n: zeros[n] / sizes[n] for n in linears}, sizes, block_of)
     layers = {}
     pruned = prunable = 0
     for name, lin in linears.items():
@@ -262,6 +337,7 @@ def prune_(
         pruned=pruned,
         prunable=prunable,
         timings=timings,
+        allocation=info,
     )
 
 
@@ -271,14 +347,33 @@ def _count_zeros(block: nn.Module, prefix: str, zeros: dict[str, int]) -> None:
             zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
 
 
-def _prune_calibrated(
-    model, adapter, method, sp, per_row, calib, device, batch_size, blocksize, percdamp, timings, zeros
-):
-    full = method == "sparsegpt"
+def walk_blocks(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    visit: Callable[[int, nn.Module, list, torch.device], None],
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    timings: dict[str, float] | None = None,
+    hooks: Sequence[BlockHook] = (),
+    write_back: bool = True,
+) -> None:
+    """The calibration walk: capture block 0's inputs for ``calibration`` (``batch_size`` windows
+    at a time), then for every block call ``visit(index, block, inputs, device)`` with the block on
+    its processing device and propagate ``inputs`` through it (they become the next block's inputs;
+    not after the last block). ``write_back=False``: the walk only reads weights (an offloaded
+    model skips writing them back)."""
+    timings = timings if timings is not None else {}
+    for key in ("capture", "propagate"):
+        timings.setdefault(key, 0.0)
+    device = torch.device(device) if device is not None else _default_device(model)
+    adapter = adapter_for(model)
     t = time.perf_counter()
-    inputs = capture_block_inputs(model, list(calib.split(batch_size)), device)
+    inputs = capture_block_inputs(model, list(calibration.split(batch_size)), device)
     _sync(device)
     timings["capture"] += time.perf_counter() - t
+    for hook in hooks:
+        hook.start(inputs)
 
     blocks = adapter.blocks(model)
     here = device
@@ -289,42 +384,66 @@ def _prune_calibrated(
             for inp in inputs:
                 inp.hidden, inp.kwargs = inp.hidden.to(at), to_device(inp.kwargs, at)
             here = at
-        with offload.materialized(block, at, write_back=True):
-            # nothing reads the last block's outputs: no propagation after it
-            last = i == len(blocks) - 1
-            _prune_block(block, inputs, full, sp, per_row, at, blocksize, percdamp, timings, propagate=not last)
-            _count_zeros(block, adapter.block_prefix(i), zeros)
+        with offload.materialized(block, at, write_back=write_back):
+            visit(i, block, inputs, at)
+            if i == len(blocks) - 1:  # nothing reads the last block's outputs
+                break
+            t = time.perf_counter()
+            for inp in inputs:  # each batch only depends on itself: overwrite in place
+                inp.hidden = run_block(block, inp)
+            _sync(at)
+            timings["propagate"] += time.perf_counter() - t
 
 
-def _prune_block(block, inputs, full, sp, per_row, device, blocksize, percdamp, timings, propagate=True) -> None:
-    """Statistics from the dense block, prune its linears, propagate through the pruned block."""
-    linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-    t = time.perf_counter()
-    stats = _collect(block, linears, inputs, full, device)
-    _sync(device)
-    timings["stats"] += time.perf_counter() - t
-
-    t = time.perf_counter()
-    for name, lin in linears.items():
-        if name not in stats:
-            raise RuntimeError(f"layer {name} of a decoder block was not called during the block's forward pass")
-        s, w = stats[name], lin.weight.data
-        if full:
-            w_new, _ = sparsegpt_prune(w, hessian(s.value(), s.sequences), sp, blocksize, percdamp, per_row=per_row)
+def _prune_linears(block, method, stats, sp, per_row, blocksize, percdamp, counts=None) -> None:
+    """Prune every linear of one block by its criterion, to ``sp`` or to its entry of ``counts``."""
+    for name, lin in block.named_modules():
+        if not isinstance(lin, nn.Linear):
+            continue
+        w = lin.weight.data
+        k = None if counts is None else counts[name]
+        target = sp if k is None else Sparsity(ratio=min(k / w.numel(), 1 - 1e-12))
+        if method == "sparsegpt":
+            s = stats[name]
+            w_new, _ = sparsegpt_prune(w, hessian(s.value(), s.sequences), target, blocksize, percdamp, per_row=per_row)
             w.copy_(w_new)
-        else:
-            w.mul_(select(wanda_scores(w, column_norms(s.value())), sp, per_row=per_row))
+            continue
+        scores = magnitude_scores(w) if method == "magnitude" else wanda_scores(w, column_norms(stats[name].value()))
+        w.mul_(select(scores, sp, per_row=per_row) if k is None else count_mask(scores, k, per_row=per_row))
+
+
+def _prune_block(
+    block, inputs, method, sp, per_row, device, blocksize, percdamp, timings, counts=None, index=0, hooks=()
+) -> None:
+    """Hooks on the dense block, statistics from it, prune its linears, hooks on the pruned block."""
+    if hooks:
+        t = time.perf_counter()
+        for hook in hooks:
+            hook.before(index, block, inputs)
+        _sync(device)
+        timings["hooks"] += time.perf_counter() - t
+    stats = None
+    if method in CALIBRATED:
+        linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        t = time.perf_counter()
+        stats = collect_input_stats(block, linears, inputs, method == "sparsegpt", device)
+        _sync(device)
+        timings["stats"] += time.perf_counter() - t
+        missing = [name for name in linears if name not in stats]
+        if missing:
+            raise RuntimeError(f"layer {missing[0]} of a decoder block was not called during the block's forward pass")
+
+    t = time.perf_counter()
+    _prune_linears(block, method, stats, sp, per_row, blocksize, percdamp, counts)
     del stats
     _sync(device)
     timings["solve"] += time.perf_counter() - t
-
-    if not propagate:
-        return
-    t = time.perf_counter()
-    for inp in inputs:  # each batch only depends on itself: overwrite in place
-        inp.hidden = run_block(block, inp)
-    _sync(device)
-    timings["propagate"] += time.perf_counter() - t
+    if hooks:
+        t = time.perf_counter()
+        for hook in hooks:
+            hook.after(index, block, inputs)
+        _sync(device)
+        timings["hooks"] += time.perf_counter() - t
 
 
 def save_pruned(

@@ -34,8 +34,11 @@ def _plain(config: Any) -> dict[str, Any]:
 
 
 def config_key(config: Any) -> str:
-    """Stable short hash of a configuration (key order and dataclass vs dict do not matter)."""
-    blob = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"))
+    """Stable short hash of a configuration (key order and dataclass vs dict do not matter). A
+    configuration with a ``key_view()`` method is keyed by what it returns (e.g. ``RunConfig``
+    leaves fields added later out while they hold their default)."""
+    view = getattr(config, "key_view", None)
+    blob = json.dumps(_plain(view() if callable(view) else config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -115,3 +115,29 @@ def make_mask(scores: torch.Tensor, sparsity: Sparsity, per_row: bool = False) -
 def density(t: torch.Tensor) -> float:
     """Fraction of non-zero entries."""
     return float(torch.count_nonzero(t)) / max(t.numel(), 1)
+
+
+def count_mask(scores: torch.Tensor, k: int, per_row: bool = False) -> torch.Tensor:
+    """Keep-mask removing exactly ``k`` lowest scores: over the whole matrix, or spread over the
+    output rows (``per_row``: every row removes ``k // rows`` and the first ``k % rows`` rows one
+    more). What a non-uniform allocation (:mod:`perplib.allocation`) needs for exact totals."""
+    total = scores.numel()
+    if not (0 <= k <= total):
+        raise ValueError(f"cannot remove {k} of {total} weights")
+    if not per_row or scores.ndim < 2:
+        mask = torch.ones(total, dtype=torch.bool, device=scores.device)
+        if k:
+            mask[torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices] = False
+        return mask.view_as(scores)
+    rows = scores.shape[0]
+    base, extra = divmod(k, rows)
+    flat = scores.reshape(rows, -1)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    take = base + (1 if extra else 0)
+    if take:
+        idx = torch.topk(flat, take, dim=1, largest=False, sorted=True).indices
+        drop = torch.ones_like(idx, dtype=torch.bool)
+        if extra:  # rows from `extra` on remove one fewer: keep their largest candidate
+            drop[extra:, -1] = False
+        mask.scatter_(1, idx, ~drop)
+    return mask.view_as(scores)
