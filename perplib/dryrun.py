@@ -115,6 +115,8 @@ CUTS: dict[str, Callable[[Any], Any]] = {
     "epochs_per_cycle": _at_most(1),
     "recal_batches": _at_most(2),
     "recon_nsamples": _at_most(4),
+    "long_sparsities": _sparsities,  # vision: the sparsities that also get the long retraining
+    "feature_images": _at_most(4),  # vision: images behind Figure 1's similarity
 }
 
 
