@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from . import offload
-from .adapters import adapter_for, capture_block_inputs, run_block, to_device
+from .adapters import adapter_for, block_linears, capture_block_inputs, matrix, run_block
 from .config import PRUNE_SCOPES
 from .criteria import column_norms, hessian, magnitude_scores, select, sparsegpt_prune, wanda_scores
 from .sparsity import Sparsity
@@ -52,6 +53,7 @@ class PruneReport:
     pruned: int
     prunable: int
     timings: dict[str, float]
+    unpruned: list[str] = field(default_factory=list)  # fused 3-D expert tensors left dense, by name
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,8 +190,14 @@ def prune_(
         raise ValueError(
             f"model of type {model.config.model_type!r} has no nn.Linear inside its decoder blocks to prune"
         )
+    if fused := adapter.fused_experts(model):  # not a linear layer's matrix: left dense, and said so
+        warnings.warn(
+            f"{len(fused)} fused 3-D expert tensors (e.g. {next(iter(fused))!r}) are not pruned: perplib prunes "
+            "linear layers; the report lists them under 'unpruned'",
+            stacklevel=2,
+        )
     for name, lin in linears.items():
-        sp.check_width(lin.in_features, name)
+        sp.check_width(matrix(lin).shape[1], name)
     calib = _check_calibration(calibration, method) if method in CALIBRATED else None
     device = torch.device(device) if device is not None else _default_device(model)
     if device.type == "cuda" and device.index is None:
@@ -208,9 +216,9 @@ def prune_(
         t = time.perf_counter()
         for i, block in enumerate(adapter.blocks(model)):  # one block at a time: offloaded models too
             with offload.materialized(block, offload.processing_device(block, device), write_back=True):
-                for lin in block.modules():
-                    if isinstance(lin, nn.Linear):
-                        lin.weight.data.mul_(select(magnitude_scores(lin.weight.data), sp, per_row=per_row))
+                for lin in block_linears(block).values():
+                    w = matrix(lin)
+                    w.mul_(select(magnitude_scores(w), sp, per_row=per_row))
                 _count_zeros(block, adapter.block_prefix(i), zeros)
         _sync(device)
         timings["solve"] = time.perf_counter() - t
@@ -226,7 +234,7 @@ def prune_(
         layers[name] = zeros[name] / lin.weight.numel()
         pruned += zeros[name]
         prunable += lin.weight.numel()
-    return PruneReport(
+    report = PruneReport(
         method=method,
         target=str(sp),
         scope="row" if per_row else "matrix",
@@ -238,13 +246,14 @@ def prune_(
         pruned=pruned,
         prunable=prunable,
         timings=timings,
+        unpruned=sorted(fused),
     )
+    return report
 
 
 def _count_zeros(block: nn.Module, prefix: str, zeros: dict[str, int]) -> None:
-    for name, lin in block.named_modules():
-        if isinstance(lin, nn.Linear):
-            zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
+    for name, lin in block_linears(block).items():
+        zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
 
 
 def _prune_calibrated(
@@ -263,8 +272,10 @@ def _prune_calibrated(
         at = offload.processing_device(block, device)
         if at != here:
             for inp in inputs:
-                inp.hidden, inp.kwargs = inp.hidden.to(at), to_device(inp.kwargs, at)
+                inp.hidden = inp.hidden.to(at)
             here = at
+        for inp in inputs:  # block i's own keyword arguments (masks, rotary tables), where it runs
+            inp.use(i, at)
         with offload.materialized(block, at, write_back=True):
             # nothing reads the last block's outputs: no propagation after it
             last = i == len(blocks) - 1
@@ -274,7 +285,7 @@ def _prune_calibrated(
 
 def _prune_block(block, inputs, full, sp, per_row, device, blocksize, percdamp, timings, propagate=True) -> None:
     """Statistics from the dense block, prune its linears, propagate through the pruned block."""
-    linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+    linears = block_linears(block)
     t = time.perf_counter()
     stats = _collect(block, linears, inputs, full, device)
     _sync(device)
@@ -284,7 +295,7 @@ def _prune_block(block, inputs, full, sp, per_row, device, blocksize, percdamp, 
     for name, lin in linears.items():
         if name not in stats:
             raise RuntimeError(f"layer {name} of a decoder block was not called during the block's forward pass")
-        s, w = stats[name], lin.weight.data
+        s, w = stats[name], matrix(lin)
         if full:
             w_new, _ = sparsegpt_prune(w, hessian(s.value(), s.n), sp, blocksize, percdamp, per_row=per_row)
             w.copy_(w_new)
