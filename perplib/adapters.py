@@ -1,8 +1,15 @@
-"""One adapter table for all model families: where the decoder blocks, the head and the
-embeddings live, and how to run one block on captured inputs.
+"""Where a causal LM keeps its decoder blocks, prunable matrices, norms, head and embeddings, and
+how to run one block on captured inputs.
 
-The pruning driver and the retraining code only talk to a model through this module, so a new
-family is one row in ``FAMILIES``, never a copy of the driver (STYLE: no ``opt.py``/``llama.py``).
+The pruning driver and the retraining code only talk to a model through this module. The adapter
+is found from the model's structure and configuration, not its name (``discover``): the blocks are
+the ``nn.ModuleList`` of ``num_hidden_layers`` blocks of one class, the prunable matrices every
+``nn.Linear`` inside them (GPT-2's ``Conv1D`` as its transposed matrix, ``matrix()``), the norms
+found by module type, the head is ``get_output_embeddings()``, the embeddings the ``nn.Embedding``
+modules outside the blocks. ``FAMILIES`` holds explicit entries only where that rule is wrong
+(none is needed for the families tested: OPT, LLaMA, Mistral, Mixtral, Qwen2/3, GPT-NeoX, Gemma 3,
+Phi-3, GPT-2). Fused 3-D expert tensors (Mixtral, Qwen2-MoE in transformers 5) are not matrices of
+a linear layer: they are listed by ``fused_experts`` and left dense (the prune report names them).
 """
 
 from __future__ import annotations
@@ -35,38 +42,118 @@ class ModelAdapter:
     def block_prefix(self, index: int) -> str:
         return f"{self.decoder}.{self.layers}.{index}"
 
-    def prunable(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """Every ``nn.Linear`` inside the decoder blocks (not embeddings, not the head), by
-        qualified name, in forward order (Section 2.3: uniform sparsity over these)."""
-        out: dict[str, nn.Linear] = {}
+    def prunable(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every ``nn.Linear`` (and GPT-2 ``Conv1D``) inside the decoder blocks (not embeddings, not
+        the head), by qualified name, in forward order (Section 2.3: uniform sparsity over these).
+        ``matrix(module)`` is its weight as an out x in matrix."""
+        out: dict[str, nn.Module] = {}
         for i, block in enumerate(self.blocks(model)):
-            for name, mod in block.named_modules():
-                if isinstance(mod, nn.Linear):
-                    out[f"{self.block_prefix(i)}.{name}"] = mod
+            for name, mod in block_linears(block).items():
+                out[f"{self.block_prefix(i)}.{name}"] = mod
         return out
 
     def norms(self, model: nn.Module) -> dict[str, nn.Module]:
-        """LayerNorm / RMSNorm modules (any class whose name contains 'Norm')."""
-        return {n: m for n, m in model.named_modules() if n and "norm" in type(m).__name__.lower()}
+        """Normalisation modules by type: torch's LayerNorm / RMSNorm / GroupNorm and any class whose
+        name says Norm (LlamaRMSNorm, Gemma3RMSNorm, ...); q/k norms inside attention included."""
+        return {n: m for n, m in model.named_modules() if n and is_norm(m)}
 
     def head_module(self, model: nn.Module) -> nn.Linear:
         return model.get_submodule(self.head)
+
+    def fused_experts(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """3-D parameters inside the blocks (fused MoE expert tensors): not pruned, by name."""
+        return {
+            f"{self.block_prefix(i)}.{n}": p
+            for i, block in enumerate(self.blocks(model))
+            for n, p in block.named_parameters()
+            if p.ndim >= 3
+        }
 
     def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: model.get_submodule(name) for name in self.embeddings}
 
 
-FAMILIES: dict[str, ModelAdapter] = {
-    "llama": ModelAdapter("llama", "model", embeddings=("model.embed_tokens",)),
-    "mistral": ModelAdapter("mistral", "model", embeddings=("model.embed_tokens",)),
-    "mixtral": ModelAdapter("mixtral", "model", embeddings=("model.embed_tokens",)),
-    "qwen2": ModelAdapter("qwen2", "model", embeddings=("model.embed_tokens",)),
-    "qwen3": ModelAdapter("qwen3", "model", embeddings=("model.embed_tokens",)),
-    "opt": ModelAdapter(
-        "opt", "model.decoder", embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions")
-    ),
-    "gpt_neox": ModelAdapter("gpt_neox", "gpt_neox", embeddings=("gpt_neox.embed_in",)),
-}
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer that stores its weight as in x out."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a prunable layer as an out x in matrix (a view: in-place edits reach the layer)."""
+    return module.weight.data.t() if is_conv1d(module) else module.weight.data
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The prunable layers of one block by name (relative to the block), in definition order;
+    a LoRA wrapper's own A/B matrices are not among them."""
+    return {n: m for n, m in block.named_modules() if is_prunable(m) and ".lora_" not in f".{n}"}
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+
+
+# Explicit entries only where the structural rule of ``discover`` is wrong for a family (each with a
+# comment saying why); none is needed today.
+FAMILIES: dict[str, ModelAdapter] = {}
+
+
+def _text_config(config: Any) -> Any:
+    return getattr(config, "text_config", None) or config
+
+
+def check_causal_lm(config: Any) -> None:
+    """Refuse, before any weights load, a configuration perplib cannot treat as a decoder-only
+    causal LM, naming why."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"model type {model_type!r} is an encoder-decoder model: perplib prunes decoder-only causal LMs, "
+            "whose blocks take the token ids' hidden states one causal block after another"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"model type {model_type!r} has no causal-LM class in transformers (AutoModelForCausalLM), so it "
+            "cannot be evaluated by next-token perplexity nor retrained on text"
+        )
+    if not getattr(_text_config(config), "num_hidden_layers", None):
+        raise ValueError(f"model type {model_type!r}: its configuration gives no num_hidden_layers (block count)")
+
+
+def discover(model: nn.Module) -> ModelAdapter:
+    """The adapter of a decoder-only causal LM from its structure and configuration (see the module
+    docstring). Raises a ValueError naming what is missing."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    n = getattr(_text_config(config), "num_hidden_layers", None) if config is not None else None
+    if not n:
+        raise ValueError(f"model of type {model_type!r} has no config.num_hidden_layers: no decoder blocks to find")
+    lists = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == n and len({type(b) for b in m}) == 1
+        and any(is_prunable(x) for x in m[0].modules())
+    ]  # fmt: skip
+    if not lists:
+        raise ValueError(
+            f"model of type {model_type!r}: no nn.ModuleList of its {n} decoder blocks (one block class, with linear "
+            "layers inside) was found, so it cannot be pruned block by block"
+        )
+    name = min((nm for nm, _ in lists), key=lambda nm: nm.count("."))  # the outermost
+    decoder, _, layers = name.rpartition(".")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"model of type {model_type!r} has no output head (get_output_embeddings() is None)")
+    names = {id(m): nm for nm, m in model.named_modules()}
+    embeddings = tuple(
+        nm for nm, m in model.named_modules() if isinstance(m, nn.Embedding) and not nm.startswith(name + ".")
+    )
+    return ModelAdapter(model_type or type(model).__name__, decoder, layers, names[id(head)], embeddings)
 
 
 # --- LoRA target sets (Section 3.1; issue 15) -----------------------------------------------------
@@ -152,11 +239,9 @@ def lora_target_layers(model: nn.Module, which: str = "all") -> tuple[list[str],
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter of a Hugging Face causal LM, by its ``config.model_type``."""
+    """The adapter of a Hugging Face causal LM: an explicit ``FAMILIES`` entry, else ``discover``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"no adapter for model type {model_type!r}; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    return FAMILIES[model_type] if model_type in FAMILIES else discover(model)
 
 
 @dataclass
@@ -166,6 +251,13 @@ class BlockInput:
 
     hidden: torch.Tensor
     kwargs: dict[str, Any]
+    # the keyword arguments every block receives (blocks may differ: Gemma 3's sliding-window and
+    # global layers get different masks and rotary tables); ``use(i)`` makes block i's current
+    block_kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    def use(self, index: int, device: torch.device | str | None = None) -> None:
+        if self.block_kwargs:
+            self.kwargs = self.block_kwargs[index] if device is None else to_device(self.block_kwargs[index], device)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -185,9 +277,11 @@ _DROP = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache"
 def capture_block_inputs(
     model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str | None = None
 ) -> list[BlockInput]:
-    """Run a *truncated* forward (the decoder with only its first block) over ``batches`` of token
-    ids and record what block 0 receives. Only the decoder's own modules and block 0 visit
-    ``device``; everything is moved back afterwards, so the model can live on the CPU."""
+    """Run a *truncated* forward (the decoder with its first block, the others replaced by stand-ins
+    that only record their arguments and pass block 0's output on) over ``batches`` of token ids and
+    record what block 0 receives and the keyword arguments of every block (``BlockInput.use``).
+    Only the decoder's own modules and block 0 visit ``device``; everything is moved back
+    afterwards, so the model can live on the CPU."""
     from . import offload  # a device-mapped model: its modules may be offloaded (meta) or on other GPUs
 
     adapter = adapter_for(model)
@@ -195,17 +289,39 @@ def capture_block_inputs(
     blocks = adapter.blocks(model)
     device = torch.device(device) if device is not None else offload.input_device(model)
     captured: list[BlockInput] = []
+    last: list[Any] = [None]
+
+    import inspect
+
+    signature = inspect.signature(blocks[0].forward)
+    first = next(iter(signature.parameters))  # the hidden states
+    var_keyword = next((n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+
+    def clean(args, kwargs):
+        # positional arguments by name (GPT-2 passes its mask positionally); caches are per forward
+        # and meaningless for replay; None-valued arguments are defaults
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.pop(var_keyword, {}) if var_keyword else {}
+        bound = {**bound, **extra}
+        hidden = bound.pop(first, None)
+        return hidden, {k: v for k, v in bound.items() if k not in _DROP and v is not None}
 
     def record(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        # caches are per forward and meaningless for replay; None-valued arguments are defaults
-        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP and v is not None}
-        captured.append(BlockInput(hidden.detach(), kwargs))
+        hidden, kwargs = clean(args, kwargs)
+        captured.append(BlockInput(hidden.detach(), kwargs, [kwargs]))
+
+    def keep_output(_module, _args, output):
+        last[0] = output
+
+    def stand_in(_index, args, kwargs):
+        captured[-1].block_kwargs.append(clean(args, kwargs)[1])
+        return last[0]
 
     visiting = [m for n, m in decoder.named_children() if n != adapter.layers] + [blocks[0]]
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    setattr(decoder, adapter.layers, nn.ModuleList([blocks[0]]))
+    handle_out = blocks[0].register_forward_hook(keep_output)
+    setattr(decoder, adapter.layers, nn.ModuleList([blocks[0], *(_StandIn(b, i, stand_in) for i, b in
+                                                                   enumerate(blocks) if i)]))  # fmt: skip
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(offload.paused_hooks(decoder, recurse=False))
@@ -217,7 +333,29 @@ def capture_block_inputs(
     finally:
         setattr(decoder, adapter.layers, blocks)
         handle.remove()
+        handle_out.remove()
     return captured
+
+
+class _StandIn(nn.Module):
+    """In place of block ``index`` while inputs are captured: records its arguments, returns the
+    output of block 0 (the right type for the decoder's loop), and answers attribute look-ups the
+    decoder makes on its blocks (e.g. Gemma 3's ``attention_type``) from the real block."""
+
+    def __init__(self, block: nn.Module, index: int, sink) -> None:
+        super().__init__()
+        object.__setattr__(self, "_real", block)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_sink", sink)
+
+    def forward(self, *args, **kwargs):
+        return self._sink(self._index, args, kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
 
 
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:

@@ -38,6 +38,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.seqlen,
         help="tokens per window (evaluation, calibration and training); at most the model's context",
     )
+    g.add_argument("--bos", choices=["auto", "reference", "window", "none"],
+                   help="BOS token in evaluation, calibration and training windows: reference = only the first "
+                        "window starts with BOS (the reference code's convention, behind the paper's OPT/LLaMA "
+                        "numbers), window = BOS + seqlen-1 tokens in every window (Gemma needs it), none; auto "
+                        "(default) = window for Gemma families, else reference")  # fmt: skip
     g.add_argument(
         "--windows",
         type=int,

@@ -33,6 +33,12 @@ LORA_KINDS = ("masked", "plain")
 LORA_TARGET_SETS = ("paper", "qv", "attention", "all")
 HEAD_MODES = ("lora", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+# Where a BOS token starts a window (evaluation, calibration, training; perplib.data.resolve_bos):
+# reference = the reference code's convention (the text tokenized once, so only the first window
+# starts with the BOS the tokenizer adds), window = BOS + seqlen-1 text tokens in every window
+# (what a model trained to always see BOS, e.g. Gemma, gets from its own tokenizer), none = no BOS,
+# auto = window for Gemma families, else reference.
+BOS_MODES = ("auto", "reference", "window", "none")
 
 
 def retrain_groups(retrain: str) -> tuple[str, ...]:
@@ -76,6 +82,7 @@ class RunConfig:
         default=512,
         metadata={"help": "tokens per calibration/training/eval window (None: the model's context, capped at 4096)"},
     )
+    bos: str = field(default="auto", metadata={"help": "BOS per window: auto|reference|window|none"})
     seed: int = field(default=0, metadata={"help": "seed for sampling and training"})
     # retraining (Section 3.1, 3.2, Appendix A)
     retrain: str = field(default="none", metadata={"help": "preset or '+'-joined parameter groups"})
@@ -119,6 +126,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
+        _choice("bos", self.bos, BOS_MODES)
         _choice("prune", self.prune, PRUNE_METHODS)
         _choice("scope", self.scope, PRUNE_SCOPES)
         _choice("lora", self.lora, LORA_KINDS)

@@ -112,22 +112,55 @@ def _stream(tokenizer, source: str, split: str) -> torch.Tensor:
 _STREAMS: dict[tuple, torch.Tensor] = {}
 
 
-def eval_ids(tokenizer, source: str, seqlen: int | None = None) -> torch.Tensor:
-    """The held-out evaluation text as one 1-D tensor of token ids. C4 with ``seqlen``: its first
-    ``256 x seqlen`` tokens, as the reference code evaluates C4."""
+def resolve_bos(mode: str, model_type: str | None, tokenizer) -> tuple[str, int | None]:
+    """The BOS mode a run uses (``auto``: ``window`` for Gemma families, which are trained to always
+    see BOS, else ``reference``, the convention of the paper's numbers) and the BOS token id."""
+    from .config import BOS_MODES
+
+    if mode not in BOS_MODES:
+        raise ValueError(f"bos must be one of {list(BOS_MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "window" if str(model_type or "").startswith("gemma") else "reference"
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if mode == "window" and bos_id is None:
+        raise ValueError("bos 'window' needs a tokenizer with a BOS token; this one has none (use reference or none)")
+    return mode, bos_id
+
+
+def strip_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """A token stream without the BOS the tokenizer put at its start (if any)."""
+    return ids[1:] if bos_id is not None and ids.numel() and int(ids[0]) == bos_id else ids
+
+
+def eval_ids(tokenizer, source: str, bos: str = "reference", seqlen: int | None = None) -> torch.Tensor:
+    """The held-out evaluation text as one 1-D tensor of token ids (``bos`` 'window'/'none': without
+    the leading BOS; ``perplexity(..., bos_id=)`` puts one at the start of every window). C4 with
+    ``seqlen``: its first ``256 x seqlen`` tokens, as the reference code evaluates C4."""
     ids = _stream(tokenizer, check_source(source), "eval")
+    ids = ids if bos == "reference" else strip_bos(ids, getattr(tokenizer, "bos_token_id", None))
     return ids[: C4_EVAL_WINDOWS * seqlen] if source == "c4" and seqlen else ids
 
 
+def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """``[N, L]`` windows with BOS prepended: ``[N, L + 1]``."""
+    return torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=windows.dtype), windows], dim=1)
+
+
 def sample_windows(
-    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "train"
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "train", bos: str = "reference"
 ) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens, seeded (calibration and training data).
+    """``nsamples`` random windows of ``seqlen`` tokens, seeded (calibration and training data);
+    ``bos='window'``: BOS + ``seqlen - 1`` text tokens each (``reference``/``none``: text tokens only).
 
     C4 follows the reference code: pick a random document longer than ``seqlen`` and a random
     window inside it. Other sources are short articles, so windows are cut from the
     concatenated token stream of the split.
     """
+    if bos == "window":
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ValueError("bos 'window' needs a tokenizer with a BOS token")
+        return with_bos(sample_windows(tokenizer, source, nsamples, seqlen - 1, seed, split), bos_id)
     if nsamples < 1:
         raise ValueError(f"nsamples must be >= 1, got {nsamples}")
     if seqlen < 2:

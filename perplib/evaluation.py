@@ -13,27 +13,33 @@ _MAX_EXP = math.log(1.7976931348623157e308)  # the largest float's log: exp of m
 
 
 def perplexity(
-    model, ids: torch.Tensor, seqlen: int, windows: int | None = None, batch_size: int = 4
+    model, ids: torch.Tensor, seqlen: int, windows: int | None = None, batch_size: int = 4, bos_id: int | None = None
 ) -> dict[str, float | int]:
     """Perplexity of ``model`` on a 1-D token stream cut into non-overlapping windows of ``seqlen``
     tokens (the trailing remainder is dropped, as in the Wanda/SparseGPT reference code); with
     ``windows``, only the first ``windows`` of them. ``exp`` of the mean next-token NLL over all
     predicted tokens, which equals the reference's mean of per-window losses since all windows
-    have the same length."""
+    have the same length. With ``bos_id`` (``--bos window``), each window is that BOS followed by
+    ``seqlen - 1`` tokens of the stream, as the model's own tokenizer feeds a text to it."""
     if ids.ndim != 1:
         raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2, got {seqlen}")
     if windows is not None and windows < 1:
         raise ValueError(f"windows must be >= 1 (or None for all), got {windows}")
-    available = ids.numel() // seqlen
+    step = seqlen - 1 if bos_id is not None else seqlen  # text tokens per window
+    available = ids.numel() // step
     if available == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     n = available if windows is None else min(windows, available)
     from .offload import input_device
 
     device = input_device(model)  # a device-mapped model's hooks move the batch on from there
-    chunks = ids[: n * seqlen].view(n, seqlen)
+    chunks = ids[: n * step].view(n, step)
+    if bos_id is not None:
+        from .data import with_bos
+
+        chunks = with_bos(chunks, bos_id)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0

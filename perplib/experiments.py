@@ -72,6 +72,9 @@ def validate(config: RunConfig, placement: dict | None = None) -> None:
                 f"unknown model {config.model!r}: not an embedded alias {models.known_aliases()}, not a local model "
                 f"folder, and not a Hugging Face id available here. Cause: {e}"
             ) from None
+    from .adapters import check_causal_lm
+
+    check_causal_lm(cfg)  # a model perplib cannot treat as a decoder-only causal LM fails here, naming why
     context = getattr(cfg, "max_position_embeddings", None)
     if context and config.seqlen > context:
         raise ValueError(f"seqlen {config.seqlen} exceeds the context length of {config.model} ({context})")
@@ -105,7 +108,9 @@ def _execute(
     model, tokenizer = models.load_model(config.model, dtype=config.dtype, **(placement or {}))
     # a device-mapped model stays where accelerate put it; pruning visits `device` block by block
     dispatched = offload.is_dispatched(model)
-    ids = data.eval_ids(tokenizer, config.eval, seqlen=config.seqlen)
+    bos, bos_id = data.resolve_bos(config.bos, getattr(model.config, "model_type", None), tokenizer)
+    ids = data.eval_ids(tokenizer, config.eval, bos=bos, seqlen=config.seqlen)
+    eval_bos = bos_id if bos == "window" else None
     timings["load_s"] = time.perf_counter() - t0
 
     if config.prune != "none":
@@ -115,7 +120,9 @@ def _execute(
         calib = None
         # magnitude needs no calibration data, unless OWL or reconstruction does
         if config.prune != "magnitude" or config.allocation != "uniform" or config.reconstruct:
-            calib = data.sample_windows(tokenizer, config.calib, config.nsamples, config.seqlen, seed=config.seed)
+            calib = data.sample_windows(
+                tokenizer, config.calib, config.nsamples, config.seqlen, seed=config.seed, bos=bos
+            )
         extra = _beyond_arguments(config, model, calib, device, store, timings)
         t0 += timings.get("owl_ratios_new_s", 0.0)  # measured ratios are counted apart, in owl_ratios_s
         timings.pop("owl_ratios_new_s", None)
@@ -142,7 +149,8 @@ def _execute(
     if not dispatched:
         model.to(device)
     t0 = time.perf_counter()
-    metrics = evaluation.perplexity(model, ids, config.seqlen, config.windows)
+    metrics = evaluation.perplexity(model, ids, config.seqlen, config.windows, bos_id=eval_bos)
+    metrics["bos"] = bos  # the resolved mode (the config has the one asked for)
     timings["eval_s"] = time.perf_counter() - t0
     if not math.isfinite(metrics["perplexity"]):  # never record a NaN: say what went wrong instead
         if "history" in out:

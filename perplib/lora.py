@@ -33,6 +33,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .adapters import is_conv1d, is_prunable
 from .config import LORA_KINDS
 
 LORA_INITS = ("zero", "random")
@@ -85,7 +86,9 @@ class LoraSpec:
             task_type="CAUSAL_LM",
         )
         if self.kind == "masked":
-            config._register_custom_module({nn.Linear: MaskedLoraLinear})
+            from transformers.pytorch_utils import Conv1D
+
+            config._register_custom_module({nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
         return config
 
 
@@ -200,16 +203,26 @@ class MaskedLoraLinear(PeftLoraLinear):
 
     lora_mask: torch.Tensor | None
 
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        if is_conv1d(base_layer):  # GPT-2's Conv1D stores W as in x out (peft's flag for it)
+            self.fan_in_fan_out = True
+
+    def _weight(self) -> torch.Tensor:
+        """The base weight as out x in (Conv1D's transposed)."""
+        weight = self.get_base_layer().weight
+        return weight.t() if self.fan_in_fan_out else weight
+
     def set_mask_(self, dense: bool = False) -> None:
         """Take ``M = 1[W ≠ 0]`` now; ``dense=True`` (or a weight without zeros) means no mask."""
-        mask = None if dense else self.get_base_layer().weight.detach() != 0
+        mask = None if dense else self._weight().detach() != 0
         self.register_buffer("lora_mask", None if mask is None or bool(mask.all()) else mask, persistent=False)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         mask = getattr(self, "lora_mask", None)
         weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         delta = masked_delta(weight_a.float(), weight_b.float(), mask, self.scaling[adapter])
-        return delta.to(weight_b.dtype)
+        return (delta.t() if self.fan_in_fan_out else delta).to(weight_b.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mask = getattr(self, "lora_mask", None)
@@ -221,7 +234,7 @@ class MaskedLoraLinear(PeftLoraLinear):
         adapter = active[0]
         base = self.get_base_layer()
         return masked_lora_linear(
-            x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight, mask,
+            x, self._weight(), base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight, mask,
             self.scaling[adapter],
         )  # fmt: skip
 
@@ -254,9 +267,9 @@ def add_lora_(
     if lora_layers(model):
         raise ValueError("the model already carries LoRA layers; merge_() or remove them first")
     modules = dict(model.named_modules())
-    bad = [t for t in targets if not isinstance(modules.get(t), nn.Linear)]
+    bad = [t for t in targets if not is_prunable(modules.get(t))]
     if bad:
-        raise ValueError(f"LoRA targets must name nn.Linear modules of the model, these do not: {bad[:5]}")
+        raise ValueError(f"LoRA targets must name nn.Linear (or Conv1D) modules of the model, these do not: {bad[:5]}")
     with warnings.catch_warnings():
         # a tied head carries LoRA on purpose: training never changes the shared weight, and
         # merge_() unties the head before folding the update in

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from . import offload
-from .adapters import adapter_for, capture_block_inputs, run_block, to_device
+from .adapters import adapter_for, block_linears, capture_block_inputs, matrix, run_block
 from .config import PRUNE_SCOPES
 from .criteria import column_norms, hessian, magnitude_scores, select, sparsegpt_prune, wanda_scores
 from .sparsity import Sparsity, count_mask
@@ -60,6 +61,7 @@ class PruneReport:
     prunable: int
     timings: dict[str, float]
     allocation: dict[str, Any] | None = None  # OWL: m, lam, ratios, block targets and achieved sparsities
+    unpruned: list[str] = field(default_factory=list)  # fused 3-D expert tensors left dense, by name
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,8 +248,14 @@ def prune_(
         raise ValueError(
             f"model of type {model.config.model_type!r} has no nn.Linear inside its decoder blocks to prune"
         )
+    if fused := adapter.fused_experts(model):  # not a linear layer's matrix: left dense, and said so
+        warnings.warn(
+            f"{len(fused)} fused 3-D expert tensors (e.g. {next(iter(fused))!r}) are not pruned: perplib prunes "
+            "linear layers; the report lists them under 'unpruned'",
+            stacklevel=2,
+        )
     for name, lin in linears.items():
-        sp.check_width(lin.in_features, name)
+        sp.check_width(matrix(lin).shape[1], name)
     from .allocation import Allocation, block_sparsities
     from .allocation import plan as allocation_plan
 
@@ -325,7 +333,7 @@ def prune_(
         layers[name] = zeros[name] / lin.weight.numel()
         pruned += zeros[name]
         prunable += lin.weight.numel()
-    return PruneReport(
+    report = PruneReport(
         method=method,
         target=str(sp),
         scope="row" if per_row else "matrix",
@@ -338,13 +346,14 @@ def prune_(
         prunable=prunable,
         timings=timings,
         allocation=info,
+        unpruned=sorted(fused),
     )
+    return report
 
 
 def _count_zeros(block: nn.Module, prefix: str, zeros: dict[str, int]) -> None:
-    for name, lin in block.named_modules():
-        if isinstance(lin, nn.Linear):
-            zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
+    for name, lin in block_linears(block).items():
+        zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
 
 
 def walk_blocks(
@@ -382,8 +391,10 @@ def walk_blocks(
         at = offload.processing_device(block, device)
         if at != here:
             for inp in inputs:
-                inp.hidden, inp.kwargs = inp.hidden.to(at), to_device(inp.kwargs, at)
+                inp.hidden = inp.hidden.to(at)
             here = at
+        for inp in inputs:  # block i's own keyword arguments (masks, rotary tables), where it runs
+            inp.use(i, at)
         with offload.materialized(block, at, write_back=write_back):
             visit(i, block, inputs, at)
             if i == len(blocks) - 1:  # nothing reads the last block's outputs
@@ -397,10 +408,8 @@ def walk_blocks(
 
 def _prune_linears(block, method, stats, sp, per_row, blocksize, percdamp, counts=None) -> None:
     """Prune every linear of one block by its criterion, to ``sp`` or to its entry of ``counts``."""
-    for name, lin in block.named_modules():
-        if not isinstance(lin, nn.Linear):
-            continue
-        w = lin.weight.data
+    for name, lin in block_linears(block).items():
+        w = matrix(lin)
         k = None if counts is None else counts[name]
         target = sp if k is None else Sparsity(ratio=min(k / w.numel(), 1 - 1e-12))
         if method == "sparsegpt":
@@ -424,7 +433,7 @@ def _prune_block(
         timings["hooks"] += time.perf_counter() - t
     stats = None
     if method in CALIBRATED:
-        linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        linears = block_linears(block)
         t = time.perf_counter()
         stats = collect_input_stats(block, linears, inputs, method == "sparsegpt", device)
         _sync(device)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import BlockInput, run_block
+from .adapters import BlockInput, block_linears, run_block
 from .lora import LoraSpec, add_lora_, merge_
 from .pruning import BlockHook
 
@@ -69,7 +69,7 @@ def reconstruct_block_(block: nn.Module, inputs: list[BlockInput], targets: list
     """Train ``block`` in place so that ``block(inputs[b]) ≈ targets[b]`` (MSE, AdamW, batch ``b``
     cycled over ``spec.steps``); zeros of its linear weights stay exact zeros. Returns the first
     and last step's loss."""
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    linears = block_linears(block)  # Conv1D too: masks and grads have its weight's own shape
     masks = {n: m.weight.detach() != 0 for n, m in linears.items()}
     before = {p: p.requires_grad for p in block.parameters()}
     for p in before:

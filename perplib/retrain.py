@@ -589,11 +589,12 @@ def retrain_(
     """
     settings = TrainSettings.from_config(config, eval_every=eval_every)
     if windows is None:
-        from .data import sample_windows
+        from .data import resolve_bos, sample_windows
 
+        bos, _ = resolve_bos(config.bos, getattr(model.config, "model_type", None), tokenizer)
         windows = sample_windows(
             tokenizer, config.train, max(settings.windows_needed, 1), config.seqlen,
-            seed=config.seed + TRAIN_SEED_OFFSET, split="train",
+            seed=config.seed + TRAIN_SEED_OFFSET, split="train", bos=bos,
         )  # fmt: skip
     before = {n: m.weight for n, m in prunable_linears(model).items()}
     # kept in host memory: one byte per prunable weight next to the model would not fit (OPT-30B: 27.6 GiB)
@@ -606,10 +607,14 @@ def retrain_(
     )
     evaluate = None
     if eval_every and eval_ids is not None:
+        from .data import resolve_bos
         from .evaluation import perplexity
 
+        bos, bos_id = resolve_bos(config.bos, getattr(model.config, "model_type", None), tokenizer)
+        eval_bos = bos_id if bos == "window" else None
+
         def evaluate() -> float:
-            return perplexity(model, eval_ids, config.seqlen, windows=config.windows)["perplexity"]
+            return perplexity(model, eval_ids, config.seqlen, windows=config.windows, bos_id=eval_bos)["perplexity"]
 
     t0 = time.perf_counter()
     result = train_(
