@@ -29,6 +29,7 @@ RETRAIN_PRESETS = {
 LORA_KINDS = ("masked", "plain")
 HEAD_MODES = ("lora", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_SPLITS = ("eval", "val")
 
 
 def retrain_groups(retrain: str) -> tuple[str, ...]:
@@ -88,6 +89,9 @@ class RunConfig:
     # evaluation
     eval: str = field(default="wiki-vital", metadata={"help": "evaluation text source"})
     windows: int | None = field(default=64, metadata={"help": "first K eval windows (None: all)"})
+    eval_split: str = field(
+        default="eval", metadata={"help": "eval (held-out text) | val (validation text: choosing lr)"}
+    )
     zero_shot: str = field(default="", metadata={"help": "comma-separated lm-eval tasks ('paper': Table 11's seven)"})
 
     def __post_init__(self) -> None:
@@ -96,6 +100,7 @@ class RunConfig:
         _choice("scope", self.scope, PRUNE_SCOPES)
         _choice("lora", self.lora, LORA_KINDS)
         _choice("head", self.head, HEAD_MODES)
+        _choice("eval_split", self.eval_split, EVAL_SPLITS)
         if self.prune != "none":
             # normalise '50%' / 0.5 / '0.50' to one spelling so records key identically
             object.__setattr__(self, "sparsity", str(Sparsity.parse(self.sparsity)))

@@ -81,7 +81,7 @@ def _execute(
     model, tokenizer = models.load_model(config.model, dtype=config.dtype, **(placement or {}))
     # a device-mapped model stays where accelerate put it; pruning visits `device` block by block
     dispatched = offload.is_dispatched(model)
-    ids = data.eval_ids(tokenizer, config.eval)
+    ids = data.eval_ids(tokenizer, config.eval, config.eval_split)
     timings["load_s"] = time.perf_counter() - t0
 
     if config.prune != "none":
