@@ -35,7 +35,9 @@ from .config import RunConfig, retrain_groups
 from .retrain import canonical_retrain, method_config
 
 RETRAINING_KEYS = {"steps", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "dtype", "grad_checkpointing",
-                   "eval_every", "figure3", "lr", "selection"}  # fmt: skip
+                   "eval_every", "figure3", "lr", "selection", "zero_shot"}  # fmt: skip
+# run_config overrides that keep a run one of Table 2's rows (zero-shot accuracy is measured on those)
+_PLAIN_CHANGES = {"scope", "seed"}
 LR_KEYS = ("perp", "full", "ln", "linear-probing")
 
 
@@ -55,7 +57,25 @@ def check_retraining(retraining: Mapping[str, Any]) -> dict[str, Any]:
             canonical_retrain(retrain_groups(k))  # a preset or groups, checked
         if not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"retraining.lr[{k!r}] must be a positive number, got {v!r}")
+    zs = retraining.get("zero_shot")
+    if zs is not None and (not isinstance(zs, Mapping) or not zs.get("tasks") or "sparsities" not in zs):
+        raise ValueError(f"retraining.zero_shot must be {{tasks: ..., sparsities: [...]}}, got {zs!r}")
     return dict(retraining)
+
+
+def wants_zero_shot(retraining: Mapping[str, Any], config: RunConfig, plain: bool) -> bool:
+    """Table 11's rows: the dense model and, at the zero-shot sparsities, each criterion without
+    retraining and with PERP (Figure 3's LoRA kind), for runs of the plan without special overrides."""
+    zs = retraining.get("zero_shot")
+    if not zs or not plain:
+        return False
+    if config.prune == "none":
+        return config.retrain == "none"
+    sparsities = {str(RunConfig(prune="magnitude", sparsity=str(s)).sparsity) for s in zs["sparsities"]}
+    lora = (retraining.get("figure3") or {}).get("lora", "masked")
+    return config.sparsity in sparsities and (
+        config.retrain == "none" or (config.retrain == "perp" and config.lora == lora)
+    )
 
 
 def learning_rate(retraining: Mapping[str, Any], method: str) -> float:
@@ -119,7 +139,10 @@ def run_config(
     )
     settings = {"steps": retraining["steps"], "lr": learning_rate(retraining, method), "lora": lora,
                 "eval_every": eval_every, **changes}  # fmt: skip
-    return method_config(config, method, **settings)
+    config = method_config(config, method, **settings)
+    if wants_zero_shot(retraining, config, plain=set(changes) <= _PLAIN_CHANGES):
+        config = config.replace(zero_shot=retraining["zero_shot"]["tasks"])
+    return config
 
 
 def group_method(groups: tuple[str, ...], include_biases: bool = True) -> str:

@@ -103,3 +103,26 @@ def test_profile_reductions_are_rendered_from_the_profile():
                                 {"seqlen": 256, "windows": 16, "eval": "wiki-vital"})  # fmt: skip
     assert text == ("48 steps of batch 1 x 1 at 256 tokens (paper: 1000 steps of 2 x 4 at the model's context); "
                     "evaluation on 16 windows of wiki-vital; learning rates chosen on the validation split: perp 0.004")  # fmt: skip
+
+
+def test_table11_layout_is_exact():
+    records = [
+        {"config": {"model": "m", "prune": "wanda", "sparsity": "0.5", "retrain": "perp"},
+         "metrics": {"zero_shot": {"t": 0.7}, "zero_shot_mean": 0.7}},
+        {"config": {"model": "m", "prune": "none", "sparsity": "0.5", "retrain": "none"},
+         "metrics": {"zero_shot": {"t": 0.825}, "zero_shot_mean": 0.825}},
+        {"config": {"model": "m", "prune": "magnitude", "sparsity": "0.5", "retrain": "none"},
+         "metrics": {"zero_shot": {"t": 0.6}, "zero_shot_mean": 0.6}},
+        {"config": {"model": "m", "prune": "wanda", "sparsity": "0.5", "retrain": "none"}, "metrics": {}},
+    ]  # fmt: skip
+    expected = pd.DataFrame({"model": ["m"] * 3, "method": ["Baseline", "Magnitude", "Wanda"], "PERP": ["✗", "✗", "✓"],
+                             "sparsity": ["0%", "0.5", "0.5"], "t": [82.5, 60.0, 70.0], "mean": [82.5, 60.0, 70.0]})  # fmt: skip
+    pd.testing.assert_frame_equal(A.table11(records), expected)
+    assert A.table11(records[3:]).empty
+
+
+def test_zero_shot_rule():
+    c = A.claim_zero_shot({"magnitude": 0.592, "wanda": 0.717}, {"magnitude": 0.667, "wanda": 0.70}, "next", 0.5)
+    assert c.holds is False and c.ours == "Magnitude 59.2 -> 66.7, Wanda 71.7 -> 70.0 (next, chance 50%)"
+    assert A.claim_zero_shot({"wanda": 0.6}, {"wanda": 0.7}, "next").holds is True
+    assert A.claim_zero_shot({}, {}, "").holds is None

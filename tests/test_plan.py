@@ -81,3 +81,14 @@ def test_every_profile_has_a_valid_plan(profile):
     common = load_profile(profile)["common"]
     plan.check_retraining(common["retraining"])
     assert plan.selection_configs(common, common["retraining"], "tiny-opt")
+
+
+def test_zero_shot_is_measured_on_table2_rows_only():
+    r = RETRAINING | {"zero_shot": {"tasks": "wiki_vital_next_sentence", "sparsities": ["0.5"]}}
+
+    def zs(*args, **kw):
+        return plan.run_config(COMMON, r, "smollm2-135m", *args, **kw).zero_shot
+
+    assert zs() == zs("wanda", 0.5) == zs("magnitude", "0.5", "perp", seed=0) == "wiki_vital_next_sentence"
+    assert zs("magnitude", 0.7) == zs("magnitude", 0.5, "perp", lora="plain") == zs("magnitude", 0.5, "ln") == ""
+    assert zs("magnitude", 0.5, "perp", lora_rank=8) == zs("magnitude", 0.5, "perp", eval_split="val") == ""
