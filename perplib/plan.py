@@ -134,13 +134,13 @@ def run_config(
     if prune in ("none", "magnitude"):  # no calibration data: these fields cannot change the run
         defaults = RunConfig()
         config = config.replace(calib=defaults.calib, nsamples=defaults.nsamples)
-    eval_every = (
-        retraining.get("eval_every", 0) if is_figure3_run(retraining, prune, config.sparsity, method, lora) else 0
-    )
+    plain = set(changes) <= _PLAIN_CHANGES  # a run of Tables 1/2/13 itself, not a variant (Table 14, selection)
+    figure3 = plain and is_figure3_run(retraining, prune, config.sparsity, method, lora)
+    eval_every = retraining.get("eval_every", 0) if figure3 else 0
     settings = {"steps": retraining["steps"], "lr": learning_rate(retraining, method), "lora": lora,
                 "eval_every": eval_every, **changes}  # fmt: skip
     config = method_config(config, method, **settings)
-    if wants_zero_shot(retraining, config, plain=set(changes) <= _PLAIN_CHANGES):
+    if wants_zero_shot(retraining, config, plain=plain):
         config = config.replace(zero_shot=retraining["zero_shot"]["tasks"])
     return config
 

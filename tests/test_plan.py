@@ -37,6 +37,7 @@ def test_figure3_runs_are_table1_runs_and_only_they_evaluate_on_the_way():
     assert run("magnitude", 0.5, "perp", lora="plain").eval_every == 0
     assert run("wanda", 0.5, "perp").eval_every == 0
     assert run("magnitude", 0.7, "perp").eval_every == 0
+    assert run("magnitude", 0.5, "perp", steps=8, lora_rank=8).eval_every == 0  # Table 14's variants: no curve
 
 
 def test_rates_per_method_and_normalised_fields():
