@@ -86,6 +86,33 @@ def figure3(records: Iterable[Record], dense: Mapping[str, float], title: str = 
     return fig
 
 
+def table1(records: Iterable[Record], dense: Mapping[str, float], methods: Sequence[str], lora_kinds: Sequence[str]):
+    """Table 1's layout: one row per (model, method), one column per sparsity, the model's dense
+    perplexity beside; PERP once per LoRA kind; a method that trains nothing (Biases on a model
+    without biases) has no row, as in the paper. Rows run from Full IMP down to No retraining."""
+    from .report import records_table
+
+    table = records_table(list(records), config=["model", "sparsity", "retrain", "lora"],
+                          metrics=["perplexity", "trainable_share", "trainable_params"])  # fmt: skip
+    table = table[(table.retrain == "none") | (table.trainable_params > 0)].copy()
+    perp = table.retrain == "perp"
+    table["method"] = table.retrain.map(LABELS) + [
+        f" ({k} LoRA)" if p else "" for k, p in zip(table.lora, perp, strict=True)
+    ]
+    table["% trainable"] = 100 * table.trainable_share.fillna(0.0)
+    order = [
+        LABELS[m] + s
+        for m in reversed(methods)
+        for s in ([f" ({k} LoRA)" for k in lora_kinds] if m == "perp" else [""])
+    ]
+    wide = table.pivot_table(index=["model", "method", "% trainable"], columns="sparsity", values="perplexity")
+    wide = wide.reset_index()
+    wide.columns.name = None
+    wide["dense"] = wide.model.map(dense)
+    wide = wide.sort_values(["model", "method"], key=lambda c: c.map(order.index) if c.name == "method" else c)
+    return wide.reset_index(drop=True)
+
+
 def table11(records: Iterable[Record]):
     """Table 11's layout: zero-shot accuracy (%) of the dense model and of each criterion without (✗)
     and with (✓) PERP, per task and their mean; only records that measured zero-shot accuracy."""

@@ -126,3 +126,19 @@ def test_zero_shot_rule():
     assert c.holds is False and c.ours == "Magnitude 59.2 -> 66.7, Wanda 71.7 -> 70.0 (next, chance 50%)"
     assert A.claim_zero_shot({"wanda": 0.6}, {"wanda": 0.7}, "next").holds is True
     assert A.claim_zero_shot({}, {}, "").holds is None
+
+
+def test_table1_layout_is_exact():
+    def r(retrain, ppl, sparsity="0.5", lora="masked", params=10, share=0.1):
+        return {"config": {"model": "m", "sparsity": sparsity, "retrain": retrain, "lora": lora},
+                "metrics": {"perplexity": ppl, "trainable_params": params, "trainable_share": share}}  # fmt: skip
+
+    records = [r("none", 278.0, params=0, share=None), r("perp", 29.0), r("perp", 28.0, lora="plain"),
+               r("full", 31.0, params=100, share=1.0), r("biases", 278.0, params=0, share=0.0),
+               r("none", 9000.0, sparsity="0.7", params=0, share=None)]  # fmt: skip
+    got = A.table1(records, {"m": 13.6}, ["none", "biases", "perp", "full"], ["masked", "plain"])
+    expected = pd.DataFrame({
+        "model": ["m"] * 4, "method": ["Full IMP", "PERP (masked LoRA)", "PERP (plain LoRA)", "No retraining"],
+        "% trainable": [100.0, 10.0, 10.0, 0.0], "0.5": [31.0, 29.0, 28.0, 278.0],
+        "0.7": [float("nan")] * 3 + [9000.0], "dense": [13.6] * 4})  # fmt: skip
+    pd.testing.assert_frame_equal(got, expected)
