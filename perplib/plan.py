@@ -35,7 +35,7 @@ from .config import RunConfig, retrain_groups
 from .retrain import canonical_retrain, method_config
 
 RETRAINING_KEYS = {"steps", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "dtype", "grad_checkpointing",
-                   "eval_every", "figure3", "lr", "selection", "zero_shot"}  # fmt: skip
+                   "eval_every", "figure3", "lr", "selection", "zero_shot", "lora_targets"}  # fmt: skip
 # run_config overrides that keep a run one of Table 2's rows (zero-shot accuracy is measured on those)
 _PLAIN_CHANGES = {"scope", "seed"}
 LR_KEYS = ("perp", "full", "ln", "linear-probing")
@@ -126,8 +126,9 @@ def run_config(
     calibration for magnitude/none; see ``method_config``), so equal runs get equal keys."""
     check_retraining(retraining)
     method = method if isinstance(method, str) else canonical_retrain(method)
+    # lora_targets: RunConfig's LoRA target set (issue 15), passed through when the profile sets it
     loop = {k: retraining[k] for k in ("batch_size", "grad_accum", "lora_rank", "lora_alpha", "dtype",
-                                        "grad_checkpointing") if k in retraining}  # fmt: skip
+                                        "grad_checkpointing", "lora_targets") if k in retraining}  # fmt: skip
     config = base_config(common, model, prune=prune, sparsity=str(sparsity), **loop)
     if prune == "none":
         config = config.replace(sparsity=RunConfig().sparsity)
