@@ -113,6 +113,63 @@ def table1(records: Iterable[Record], dense: Mapping[str, float], methods: Seque
     return wide.reset_index(drop=True)
 
 
+def table2(records: Iterable[Record], dense: Mapping[str, float], sparsities: Sequence[str]):
+    """Table 2's layout (Tables 9, 10, 15 alike): one row per (model, criterion, PERP ✗ then ✓), one column
+    per sparsity of ``sparsities``, the model's dense perplexity beside. Only records without
+    retraining or with PERP count."""
+    import pandas as pd
+
+    rows = [{"model": r["config"]["model"], "method": CRITERIA[r["config"]["prune"]],
+             "PERP": {"none": "✗", "perp": "✓"}[r["config"]["retrain"]], "sparsity": str(r["config"]["sparsity"]),
+             "perplexity": r["metrics"]["perplexity"]}
+            for r in records if r["config"]["prune"] in CRITERIA and r["config"]["retrain"] in ("none", "perp")
+            and str(r["config"]["sparsity"]) in {str(s) for s in sparsities}]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    wide = frame.pivot_table(index=["model", "method", "PERP"], columns="sparsity", values="perplexity", sort=False)
+    wide = wide[[str(s) for s in sparsities if str(s) in wide.columns]].reset_index()
+    wide.columns.name = None
+    wide.insert(3, "dense", wide.model.map(dense))
+    rank = {name: i for i, name in enumerate([*CRITERIA.values(), "✗", "✓"])}
+    wide = wide.sort_values(["method", "PERP"], key=lambda c: c.map(rank), kind="stable")
+    return wide.sort_values("model", kind="stable").reset_index(drop=True)
+
+
+def table13(records: Iterable[Record], methods: Mapping[tuple[str, ...], str], include_biases: bool = True):
+    """Table 13's layout: one row per (sparsity, combination of groups) in the order of ``methods``
+    (combination -> the run's method, :func:`perplib.plan.group_method`), ✓/✗ per group, % trainable,
+    mean and std of perplexity over seeds and the number of seeds."""
+    import pandas as pd
+
+    by_method = {m: c for c, m in methods.items()}
+    names = [("biases", "Biases"), ("norms", "LN"), ("head", "Head"), ("lora", "LoRA")]
+    names = [(g, n) for g, n in names if include_biases or g != "biases"]
+    rows = []
+    for r in records:
+        groups = by_method[r["config"]["retrain"]]
+        share = r["metrics"].get("trainable_share")
+        rows.append({"sparsity": str(r["config"]["sparsity"]), **{n: "✓" if g in groups else "✗" for g, n in names},
+                     "% trainable": 100 * (share or 0.0), "perplexity": r["metrics"]["perplexity"],
+                     "order": list(methods.values()).index(r["config"]["retrain"])})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    keys = ["sparsity", "order", *[n for _, n in names]]
+    out = (frame.groupby(keys, sort=True)
+           .agg(**{"% trainable": ("% trainable", "first"), "perplexity": ("perplexity", "mean"),
+                   "std": ("perplexity", "std"), "seeds": ("perplexity", "count")})
+           .reset_index().drop(columns="order"))  # fmt: skip
+    return out
+
+
+def table14(records: Iterable[Record]):
+    """Table 14's layout: mean perplexity over seeds, one row per LoRA alpha, one column per rank."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"lora_alpha": r["config"]["lora_alpha"], "lora_rank": r["config"]["lora_rank"],
+                           "perplexity": r["metrics"]["perplexity"]} for r in records])  # fmt: skip
+    wide = frame.pivot_table(index="lora_alpha", columns="lora_rank", values="perplexity", aggfunc="mean")
+    wide.columns.name = None
+    return wide.reset_index()
+
+
 def table11(records: Iterable[Record]):
     """Table 11's layout: zero-shot accuracy (%) of the dense model and of each criterion without (✗)
     and with (✓) PERP, per task and their mean; only records that measured zero-shot accuracy."""

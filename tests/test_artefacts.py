@@ -142,3 +142,31 @@ def test_table1_layout_is_exact():
         "% trainable": [100.0, 10.0, 10.0, 0.0], "0.5": [31.0, 29.0, 28.0, 278.0],
         "0.7": [float("nan")] * 3 + [9000.0], "dense": [13.6] * 4})  # fmt: skip
     pd.testing.assert_frame_equal(got, expected)
+
+
+def test_table13_and_table14_layouts_are_exact():
+    methods = {(): "none", ("norms",): "ln", ("lora",): "biases+lora"}
+
+    def r(retrain, ppl, seed=0, share=0.1, rank=16, alpha=32.0):
+        return {"config": {"sparsity": "0.5", "retrain": retrain, "seed": seed, "lora_rank": rank, "lora_alpha": alpha},
+                "metrics": {"perplexity": ppl, "trainable_share": share}}  # fmt: skip
+
+    records = [r("biases+lora", 30.0), r("none", 278.0, share=None), r("ln", 50.0, share=0.01),
+               r("biases+lora", 32.0, seed=1)]  # fmt: skip
+    expected = pd.DataFrame({"sparsity": ["0.5"] * 3, "LN": ["✗", "✓", "✗"], "Head": ["✗"] * 3,
+                             "LoRA": ["✗", "✗", "✓"], "% trainable": [0.0, 1.0, 10.0],
+                             "perplexity": [278.0, 50.0, 31.0], "std": [float("nan"), float("nan"), 2 ** 0.5],
+                             "seeds": [1, 1, 2]})  # fmt: skip
+    pd.testing.assert_frame_equal(A.table13(records, methods, include_biases=False), expected)
+    grid = [r("perp", 40.0, rank=8), r("perp", 38.0, rank=16), r("perp", 39.0, rank=8, alpha=64.0),
+            r("perp", 37.0, rank=16, alpha=64.0)]  # fmt: skip
+    expected14 = pd.DataFrame({"lora_alpha": [32.0, 64.0], 8: [40.0, 39.0], 16: [38.0, 37.0]})
+    pd.testing.assert_frame_equal(A.table14(grid), expected14)
+
+
+def test_table2_layout_is_exact():
+    records = [rec(278.0), rec(30.0, prune="wanda"), rec(29.0, retrain="perp"), rec(19.9, prune="wanda", retrain="perp"),
+               rec(9000.0, sparsity="0.7"), rec(50.0, retrain="ln")]  # fmt: skip
+    expected = pd.DataFrame({"model": ["m"] * 4, "method": ["Magnitude", "Magnitude", "Wanda", "Wanda"],
+                             "PERP": ["✗", "✓", "✗", "✓"], "dense": [13.6] * 4, "0.5": [278.0, 29.0, 30.0, 19.9]})  # fmt: skip
+    pd.testing.assert_frame_equal(A.table2(records, {"m": 13.6}, ["0.5"]), expected)
