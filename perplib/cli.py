@@ -49,6 +49,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.windows,
         help="evaluate the first K non-overlapping windows; 0 = all of them",
     )
+    g.add_argument("--eval-split", dest="eval_split", default=DEFAULTS.eval_split, choices=["eval", "val"],
+                   help="eval: the held-out text; val: the validation text (for choosing learning rates)")  # fmt: skip
     g.add_argument("--zero-shot", dest="zero_shot", default=DEFAULTS.zero_shot, metavar="TASKS",
                    help="also measure zero-shot accuracy with lm-evaluation-harness: comma-separated task names, or "
                         "'paper' for BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA (needs the hub)")  # fmt: skip

@@ -39,6 +39,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # (what a model trained to always see BOS, e.g. Gemma, gets from its own tokenizer), none = no BOS,
 # auto = window for Gemma families, else reference.
 BOS_MODES = ("auto", "reference", "window", "none")
+EVAL_SPLITS = ("eval", "val")
 
 
 def retrain_groups(retrain: str) -> tuple[str, ...]:
@@ -103,6 +104,9 @@ class RunConfig:
     # evaluation
     eval: str = field(default="wiki-vital", metadata={"help": "evaluation text source"})
     windows: int | None = field(default=64, metadata={"help": "first K eval windows (None: all)"})
+    eval_split: str = field(
+        default="eval", metadata={"help": "eval (held-out text) | val (validation text: choosing lr)"}
+    )
     zero_shot: str = field(default="", metadata={"help": "comma-separated lm-eval tasks ('paper': Table 11's seven)"})
     # beyond the paper (notebook 40): layer-wise allocation and block-wise reconstruction
     allocation: str = field(default="uniform", metadata={"help": "layer-wise sparsity: uniform | owl"})
@@ -132,6 +136,7 @@ class RunConfig:
         _choice("lora", self.lora, LORA_KINDS)
         _choice("lora_targets", self.lora_targets, LORA_TARGET_SETS)
         _choice("head", self.head, HEAD_MODES)
+        _choice("eval_split", self.eval_split, EVAL_SPLITS)
         if self.prune != "none":
             # normalise '50%' / 0.5 / '0.50' to one spelling so records key identically
             object.__setattr__(self, "sparsity", str(Sparsity.parse(self.sparsity)))

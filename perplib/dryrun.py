@@ -95,6 +95,15 @@ def _at_most(n: int) -> Callable[[Any], Any]:
     return lambda v: v if v is None else min(v, n)
 
 
+def _retraining(v: dict[str, Any]) -> dict[str, Any]:
+    """The LLM run plan (perplib.plan): 2 steps, evaluation every step, one candidate rate per method."""
+    out = dict(v, steps=min(v["steps"], 2), eval_every=min(v.get("eval_every", 0), 1))
+    if sel := v.get("selection"):
+        grid = {m: list(rates)[:1] for m, rates in (sel.get("grid") or {}).items()}
+        out["selection"] = dict(sel, steps=min(sel.get("steps", 2), 2), grid=grid)
+    return out
+
+
 # Parameter name -> how a dry run cuts its value. Names not listed keep the profile's value,
 # except integers whose name ends in "steps" (at most 2) or "epochs" (at most 1).
 CUTS: dict[str, Callable[[Any], Any]] = {
@@ -102,6 +111,7 @@ CUTS: dict[str, Callable[[Any], Any]] = {
     "windows": _at_most(4),  # None (every window) stays: the fixture's test split is ~100 windows
     "nsamples": _at_most(4),
     "eval_every": _at_most(1),
+    "retraining": _retraining,
     "models": _one_per_family,
     "full_models": _one_per_family,
     "sparsities": _sparsities,

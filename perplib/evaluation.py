@@ -92,8 +92,11 @@ def zero_shot(
     if not tasks:
         raise ValueError("tasks must name at least one lm-eval task")
     from . import dryrun
+    from .zeroshot import LOCAL_TASKS, task_folder
 
-    if dryrun.active() and include_path is None:  # the same task definitions, reading local copies
+    if include_path is None and set(tasks) <= set(LOCAL_TASKS):  # perplib's own offline task(s)
+        include_path, include_defaults = task_folder(), False
+    elif dryrun.active() and include_path is None:  # the same task definitions, reading local copies
         include_path, include_defaults = dryrun.lm_eval_tasks(), False
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]

@@ -109,7 +109,7 @@ def _execute(
     # a device-mapped model stays where accelerate put it; pruning visits `device` block by block
     dispatched = offload.is_dispatched(model)
     bos, bos_id = data.resolve_bos(config.bos, getattr(model.config, "model_type", None), tokenizer)
-    ids = data.eval_ids(tokenizer, config.eval, bos=bos, seqlen=config.seqlen)
+    ids = data.eval_ids(tokenizer, config.eval, config.eval_split, bos=bos, seqlen=config.seqlen)
     eval_bos = bos_id if bos == "window" else None
     timings["load_s"] = time.perf_counter() - t0
 

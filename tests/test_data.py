@@ -6,11 +6,26 @@ from perplib import data
 
 def test_wiki_vital_split_is_deterministic_and_disjoint():
     train, held_out = data.documents("wiki-vital", "train"), data.documents("wiki-vital", "eval")
+    val = data.documents("wiki-vital", "val")
     titles = lambda docs: {d.split("\n\n", 1)[0] for d in docs}  # noqa: E731
-    assert len(held_out) > 500 and len(train) > 8 * len(held_out)
-    assert not titles(train) & titles(held_out)
+    assert len(held_out) > 500 and len(val) > 500 and len(train) > 7 * len(held_out)
+    assert (
+        not titles(train) & titles(held_out) and not titles(train) & titles(val) and not titles(val) & titles(held_out)
+    )
     assert all(data.is_eval_article(t) for t in titles(held_out))
+    assert {data.article_split(t) for t in titles(val)} == {"val"}
     assert data.documents("wiki-vital", "eval") == held_out
+
+
+def test_validation_text_is_what_eval_split_val_evaluates(tokenizer):
+    from perplib.config import RunConfig
+
+    val, held_out = data.eval_ids(tokenizer, "wiki-vital", "val"), data.eval_ids(tokenizer, "wiki-vital")
+    assert val.numel() > 10_000 and not torch.equal(val[:256], held_out[:256])
+    with pytest.raises(ValueError, match="'eval' or 'val'"):
+        data.eval_ids(tokenizer, "wiki-vital", "train")
+    with pytest.raises(ValueError, match="eval_split must be one of"):
+        RunConfig(eval_split="train")
 
 
 def test_windows_are_seeded(tokenizer):

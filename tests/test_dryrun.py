@@ -141,6 +141,11 @@ def test_paper_profile_is_covered_and_cut(dry):
             assert cut["data_root"] == str(dry / "imagenet") and cut["model"] == "resnet-tiny"
         assert cut.get("dtype", "bfloat16") == params.get("dtype", "bfloat16")  # code paths are kept
         assert cut.get("grad_accum") == params.get("grad_accum") and cut.get("batch_size") == params.get("batch_size")
+        if "retraining" in cut:  # the LLM run plan: steps and grids cut, code paths (dtype, accumulation) kept
+            r, p = cut["retraining"], params["retraining"]
+            assert r["steps"] <= 2 and r["eval_every"] <= 1 and r["selection"]["steps"] <= 2
+            assert all(len(rates) == 1 for rates in r["selection"]["grid"].values())
+            assert (r["dtype"], r["grad_accum"], r["lr"]) == (p["dtype"], p["grad_accum"], p["lr"])
 
 
 def test_sparsity_grids_keep_both_kinds():
