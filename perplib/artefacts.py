@@ -359,3 +359,81 @@ def profile_reductions(retraining: Mapping[str, Any], common: Mapping[str, Any])
     return (f"{steps} steps of batch {bs} x {acc} at {common.get('seqlen')} tokens (paper: 1000 steps of 2 x 4 at the "
             f"model's context); evaluation on {'every' if windows is None else windows} windows of {common.get('eval')}; "
             f"learning rates chosen on the validation split: {lr}")  # fmt: skip
+
+
+# -- each notebook's claims from its records ----------------------------------------------------
+
+
+def claims_00(records: Iterable[Record], models: Sequence[str], windows: int | None, seqlen: int,
+              eval_text: str) -> list[Claim]:  # fmt: skip
+    """Notebook 00's claims: D0 from the dense records of ``models``."""
+    records = list(records)
+    dense = {m: dense_perplexity(records, m) for m in models}
+    return [claim_dense(dense, windows, seqlen, eval_text)]
+
+
+def claims_32(records: Iterable[Record], records3: Iterable[Record], models: Sequence[str],
+              sparsities: Sequence[str | float], lora_kinds: Sequence[str]) -> list[Claim]:  # fmt: skip
+    """Notebook 32's claims from Table 1's records (``records``) and Figure 3's (``records3``): C2 on
+    Figure 3's first sparsity, C3 on the first model and sparsity (PERP with masked LoRA), C5 (PERP
+    with plain LoRA where the profile runs it, else masked, vs Full IMP) where both ran."""
+    m, s = models[0], str(sparsities[0])
+    at = [r for r in records if r["config"]["model"] == m and str(r["config"]["sparsity"]) == s]
+    by_method = {k: ppl([r for r in at if r["config"]["lora"] == "masked" or k != "perp"], retrain=k)
+                 for k in ("none", "ln", "linear-probing", "perp", "full")}  # fmt: skip
+    curve = figure3_frame(records3)
+    curve = curve[curve.sparsity == curve.sparsity.iloc[0]] if len(curve) else curve
+    pick = {k: next((r for r in at if r["config"]["retrain"] == k and r["config"]["lora"] == lora), None)
+            for k, lora in (("perp", "plain" if "plain" in lora_kinds else "masked"), ("full", "masked"))}  # fmt: skip
+    return [
+        claim_fast_then_saturating(list(zip(curve.iteration, curve.perplexity, strict=True))),
+        claim_ordering(by_method),
+        *([claim_efficiency(pick["perp"], pick["full"])] if pick["perp"] and pick["full"] else []),
+    ]
+
+
+def claims_33(records: Iterable[Record], perp_records: Iterable[Record], dense_records: Iterable[Record],
+              models: Sequence[str], methods: Sequence[str], sparsities: Sequence[str],
+              collapse_sparsities: Sequence[str], perp_sparsities: Sequence[str],
+              zero_shot: Mapping[str, Any] | None) -> list[Claim]:  # fmt: skip
+    """Notebook 33's claims on the first model: C1 over every unstructured sparsity of the no-retraining
+    table, C2b, C4 and C10 at the first sparsity of ``perp_sparsities`` (``zero_shot``: the profile's
+    ``retraining.zero_shot``)."""
+    from .zeroshot import LOCAL_TASKS
+
+    m, s = models[0], perp_sparsities[0]
+    columns = list(dict.fromkeys([*sparsities, *collapse_sparsities]))
+    mine = [r for r in [*records, *perp_records] if r["config"]["model"] == m]
+    dense_m = dense_perplexity(dense_records, m)
+    none_mag = {x: ppl(mine, prune="magnitude", sparsity=x, retrain="none") for x in columns if ":" not in x}
+    without = {p: ppl(mine, prune=p, sparsity=s, retrain="none") for p in methods}
+    with_perp = {p: ppl(mine, prune=p, sparsity=s, retrain="perp") for p in methods}
+    zs = zero_shot or {}
+
+    def acc(p: str, k: str) -> float | None:
+        return next((r["metrics"]["zero_shot_mean"] for r in mine if r["config"]["prune"] == p
+                     and str(r["config"]["sparsity"]) == s and r["config"]["retrain"] == k
+                     and "zero_shot_mean" in r["metrics"]), None)  # fmt: skip
+
+    acc_without = {p: a for p in methods if (a := acc(p, "none")) is not None}
+    acc_with = {p: a for p in methods if (a := acc(p, "perp")) is not None}
+    return [
+        claim_collapse(dense_m, none_mag),
+        claim_reaches_calibrated(with_perp.get("magnitude"), without.get("wanda"), without.get("sparsegpt")),
+        claim_perp_helps_all(without, with_perp),
+        claim_zero_shot(acc_without, acc_with, zs.get("tasks", ""), LOCAL_TASKS.get(zs.get("tasks"))),
+    ]
+
+
+def claims_C(records: Iterable[Record], records14: Iterable[Record], sparsities: Sequence[str | float]) -> list[Claim]:
+    """Appendix C's claims: C9 from Table 13's records at the first sparsity (mean over seeds per
+    method), C8 from Table 14's (mean over seeds per rank and alpha)."""
+    from .report import records_table
+
+    s = str(sparsities[0])
+    t13 = records_table(list(records), config=["sparsity", "retrain"], metrics=["perplexity"])
+    first = t13[t13.sparsity.astype(str) == s].groupby("retrain").perplexity.mean()
+    t14 = records_table(list(records14), config=["lora_rank", "lora_alpha", "seed"],
+                        metrics=["perplexity", "trainable_share"])  # fmt: skip
+    grid = t14.groupby(["lora_rank", "lora_alpha"]).perplexity.mean()
+    return [claim_groups(first.to_dict()), claim_rank_alpha(grid.to_dict())]

@@ -170,3 +170,99 @@ def test_table2_layout_is_exact():
     expected = pd.DataFrame({"model": ["m"] * 4, "method": ["Magnitude", "Magnitude", "Wanda", "Wanda"],
                              "PERP": ["✗", "✓", "✗", "✓"], "dense": [13.6] * 4, "0.5": [278.0, 29.0, 30.0, 19.9]})  # fmt: skip
     pd.testing.assert_frame_equal(A.table2(records, {"m": 13.6}, ["0.5"]), expected)
+
+
+# -- each notebook's claims (the functions its last cell calls) ---------------------------------
+
+
+def test_claims_00_from_dense_records():
+    records = [rec(13.6, prune="none"), rec(300.0), rec(9.5, prune="none", model="n")]
+    (d0,) = A.claims_00(records, ["m", "n"], 16, 256, "wiki-vital")
+    assert d0.id == "D0" and d0.holds is True and d0.ours == "m 13.60, n 9.50 (wiki-vital, 16 x 256 tokens)"
+    (missing,) = A.claims_00(records, ["m", "absent"], 16, 256, "wiki-vital")
+    assert missing.holds is False and "absent nan" in missing.ours  # no dense record: not finite
+
+
+def _table1_records(perp=29.27, full=31.95):
+    hist = [{"step": s, "perplexity": p} for s, p in ((0, 278.4), (6, 71.3), (12, 40.4), (18, 36.0), (24, 34.2),
+                                                     (30, 32.2), (36, 30.5), (42, 29.7), (48, 29.27))]  # fmt: skip
+    speed = {"train_tokens_per_s": 158.4, "trainable_params": 5_677_056}
+    return [
+        rec(278.4), rec(50.05, retrain="ln"), rec(48.85, retrain="linear-probing"),
+        rec(perp, hist, retrain="perp", eval_every=6),
+        {"config": rec(0, retrain="perp", lora="plain")["config"], "metrics": {"perplexity": 30.1, **speed}},
+        {"config": rec(0, retrain="full")["config"],
+         "metrics": {"perplexity": full, "train_tokens_per_s": 124.0, "trainable_params": 134_515_008}},
+        rec(500.0, sparsity="0.7"),  # another sparsity: not read by C3
+    ]  # fmt: skip
+
+
+def test_claims_32_from_table1_and_figure3_records():
+    records = _table1_records()
+    records3 = [r for r in records if r["config"]["eval_every"]]
+    c2, c3, c5 = A.claims_32(records, records3, ["m"], [0.5], ["masked", "plain"])
+    assert [c.id for c in (c2, c3, c5)] == ["C2", "C3", "C5"]
+    assert c2.holds is True and "(9 points)" in c2.ours
+    assert c3.holds is True and c3.ours == ("No retraining 278.40, LN-Parameters 50.05, Linear Probing 48.85, "
+                                            "PERP 29.27, Full IMP 31.95")  # fmt: skip
+    assert c5.holds is True and c5.ours.startswith("PERP (plain LoRA) 158.40 vs Full IMP 124.00 tokens/s")
+    # PERP far behind Full IMP: C3 fails; masked LoRA only: no plain run and no throughput, C5 not measured
+    c2, c3, c5 = A.claims_32(_table1_records(full=20.0), records3, ["m"], ["0.5"], ["masked"])
+    assert c3.holds is False and c5.holds is None and c5.ours.startswith("PERP (masked LoRA) nan")
+    # no Full IMP run: no C5; no Figure-3 records: C2 not measured
+    without_full = [r for r in records if r["config"]["retrain"] != "full"]
+    claims = A.claims_32(without_full, [], ["m"], [0.5], ["masked", "plain"])
+    assert [c.id for c in claims] == ["C2", "C3"] and claims[0].holds is None and claims[1].holds is None
+
+
+def _table2_records(magnitude_perp=29.27):
+    zs = lambda p, a: {"perplexity": p, "zero_shot_mean": a}  # noqa: E731
+    return [
+        rec(278.4), rec(69830.0, sparsity="0.7"), {"config": rec(0)["config"] | {"prune": "wanda"}, "metrics": zs(30.56, 0.55)},
+        {"config": rec(0, prune="sparsegpt")["config"], "metrics": zs(25.15, 0.56)},
+        rec(magnitude_perp, retrain="perp"), {"config": rec(0, prune="wanda", retrain="perp")["config"], "metrics": zs(19.9, 0.6)},
+        {"config": rec(0, prune="sparsegpt", retrain="perp")["config"], "metrics": zs(18.82, 0.61)},
+        rec(1.0, model="other"),  # another model: not read
+    ]  # fmt: skip
+
+
+def test_claims_33_from_table2_records():
+    records = _table2_records()
+    no_retraining = [r for r in records if r["config"]["retrain"] == "none"]
+    perp = [r for r in records if r["config"]["retrain"] == "perp"]
+    dense = [rec(13.6, prune="none")]
+    zero_shot = {"tasks": "wiki_vital_next_sentence"}
+    args = (["m"], ["magnitude", "wanda", "sparsegpt"], ["0.5"], ["0.7"], ["0.5"], zero_shot)
+    c1, c2b, c4, c10 = A.claims_33(no_retraining, perp, dense, *args)
+    assert [c.id for c in (c1, c2b, c4, c10)] == ["C1", "C2b", "C4", "C10"]
+    assert c1.holds is True and c1.ours == "dense 13.60 -> 278.40 (50%), 69,830 (70%)"
+    assert c2b.holds is True and c4.holds is True
+    assert (
+        c10.holds is True
+        and c10.ours == "Wanda 55.0 -> 60.0, SparseGPT 56.0 -> 61.0 (wiki_vital_next_sentence, chance 50%)"
+    )
+    # magnitude + PERP above the calibrated criteria: C2b fails
+    records = _table2_records(magnitude_perp=40.0)
+    c1, c2b, c4, c10 = A.claims_33(
+        no_retraining, [r for r in records if r["config"]["retrain"] == "perp"], dense, *args
+    )
+    assert c2b.holds is False and c4.holds is True
+    # no zero-shot task in the profile
+    assert A.claims_33(no_retraining, perp, dense, *args[:-1], None)[-1].ours.endswith(
+        "(no zero-shot task in this profile)"
+    )
+
+
+def test_claims_C_from_table13_and_table14_records():
+    groups = {"none": 278.4, "ln": 50.05, "linear-probing": 48.85, "lora": 30.0, "perp": 29.27}
+    records = [rec(v, retrain=k, seed=seed) for k, v in groups.items() for seed in (0, 1)]
+    records += [rec(1.0, retrain="lora", sparsity="0.7")]  # another sparsity: not read
+    records14 = [rec(v, retrain="perp", lora_rank=r, lora_alpha=a, seed=seed)
+                 for (r, a), v in {(8, 32.0): 12.91, (16, 64.0): 12.77}.items() for seed in (0, 1)]  # fmt: skip
+    c9, c8 = A.claims_C(records, records14, [0.5])
+    assert (c9.id, c9.holds, c8.id, c8.holds) == ("C9", True, "C8", True)
+    assert c8.ours == "r8/α32 12.91, r16/α64 12.77 (max/min 1.011)"
+    records14[0]["metrics"]["perplexity"] = records14[1]["metrics"]["perplexity"] = 14.0  # r8/α32 mean 14.0
+    records[0]["metrics"]["perplexity"] = records[1]["metrics"]["perplexity"] = 60.0  # none < 2 x LN: C9 fails
+    c9, c8 = A.claims_C(records, records14, ["0.5"])
+    assert c9.holds is False and c8.holds is False and "r8/α32 14.00" in c8.ours
