@@ -425,12 +425,7 @@ def _prune_block(
     block, inputs, method, sp, per_row, device, blocksize, percdamp, timings, counts=None, index=0, hooks=()
 ) -> None:
     """Hooks on the dense block, statistics from it, prune its linears, hooks on the pruned block."""
-    if hooks:
-        t = time.perf_counter()
-        for hook in hooks:
-            hook.before(index, block, inputs)
-        _sync(device)
-        timings["hooks"] += time.perf_counter() - t
+    _run_hooks(hooks, "before", index, block, inputs, device, timings)
     stats = None
     if method in CALIBRATED:
         linears = block_linears(block)
@@ -447,12 +442,18 @@ def _prune_block(
     del stats
     _sync(device)
     timings["solve"] += time.perf_counter() - t
-    if hooks:
-        t = time.perf_counter()
-        for hook in hooks:
-            hook.after(index, block, inputs)
-        _sync(device)
-        timings["hooks"] += time.perf_counter() - t
+    _run_hooks(hooks, "after", index, block, inputs, device, timings)
+
+
+def _run_hooks(hooks, phase: str, index: int, block: nn.Module, inputs: list, device, timings) -> None:
+    """Call every hook's ``before`` or ``after`` on one block, timed under ``timings['hooks']``."""
+    if not hooks:
+        return
+    t = time.perf_counter()
+    for hook in hooks:
+        getattr(hook, phase)(index, block, inputs)
+    _sync(device)
+    timings["hooks"] += time.perf_counter() - t
 
 
 def save_pruned(
