@@ -63,6 +63,11 @@ def check_retraining(retraining: Mapping[str, Any]) -> dict[str, Any]:
     return dict(retraining)
 
 
+def _canonical_sparsities(values) -> set[str]:
+    """Sparsities as a run's config spells them (0.5, "0.5" and "50%" are one)."""
+    return {str(RunConfig(prune="magnitude", sparsity=str(s)).sparsity) for s in values}
+
+
 def wants_zero_shot(retraining: Mapping[str, Any], config: RunConfig, plain: bool) -> bool:
     """Table 11's rows: the dense model and, at the zero-shot sparsities, each criterion without
     retraining and with PERP (Figure 3's LoRA kind), for runs of the plan without special overrides."""
@@ -71,7 +76,7 @@ def wants_zero_shot(retraining: Mapping[str, Any], config: RunConfig, plain: boo
         return False
     if config.prune == "none":
         return config.retrain == "none"
-    sparsities = {str(RunConfig(prune="magnitude", sparsity=str(s)).sparsity) for s in zs["sparsities"]}
+    sparsities = _canonical_sparsities(zs["sparsities"])
     lora = (retraining.get("figure3") or {}).get("lora", "masked")
     return config.sparsity in sparsities and (
         config.retrain == "none" or (config.retrain == "perp" and config.lora == lora)
@@ -92,7 +97,7 @@ def is_figure3_run(retraining: Mapping[str, Any], prune: str, sparsity: str, met
     """Figure 3's runs are PERP runs of its criterion, sparsities and LoRA kind: they alone evaluate
     every ``eval_every`` steps (evaluations cost as much as many steps on a laptop)."""
     fig = retraining.get("figure3") or {}
-    sparsities = {str(RunConfig(prune="magnitude", sparsity=str(s)).sparsity) for s in fig.get("sparsities", [])}
+    sparsities = _canonical_sparsities(fig.get("sparsities", []))
     return (
         bool(retraining.get("eval_every"))
         and canonical_retrain(retrain_groups(method)) == "perp"
