@@ -42,8 +42,8 @@ def save_table(df, name: str, profile: str, *, floatfmt: str = ".4g", index: boo
         raise ValueError(f"table '{name}' has no rows: no records matched; run the experiments first")
     out = paths.tables_dir() / profile
     csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-    _write_if_changed(csv_path, df.to_csv(index=index, lineterminator="\n").encode())
-    _write_if_changed(md_path, (df.to_markdown(index=index, floatfmt=floatfmt) + "\n").encode())
+    write_if_changed(csv_path, df.to_csv(index=index, lineterminator="\n").encode())
+    write_if_changed(md_path, (df.to_markdown(index=index, floatfmt=floatfmt) + "\n").encode())
     return {"csv": csv_path, "md": md_path}
 
 
@@ -69,11 +69,11 @@ def save_figure(fig, name: str, profile: str, *, dpi: int = 150) -> dict[str, Pa
     written = {}
     for ext in FIGURE_METADATA:
         written[ext] = out / f"{name}.{ext}"
-        _write_if_changed(written[ext], figure_bytes(fig, ext, dpi=dpi))
+        write_if_changed(written[ext], figure_bytes(fig, ext, dpi=dpi))
     return written
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
+def write_if_changed(path: Path, data: bytes) -> None:
     """Atomic write that leaves an identical file untouched (its modification time too)."""
     if path.is_file() and path.read_bytes() == data:
         return

@@ -77,16 +77,12 @@ metadata:
 def task_folder(folder: str | Path | None = None) -> str:
     """Write the local task (YAML + JSONL) into ``folder`` (default: perplib's cache) and return it."""
     from . import data, paths
+    from .report import write_if_changed
 
     folder = Path(folder) if folder is not None else paths.cache_dir() / "lm_eval_tasks"
     folder.mkdir(parents=True, exist_ok=True)
     items = next_sentence_items(data.documents("wiki-vital", "eval"))
     jsonl = folder / f"{NEXT_SENTENCE}.jsonl"
-    text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
-    if not jsonl.is_file() or jsonl.read_text() != text:
-        jsonl.write_text(text)
-    yaml_text = TASK_YAML.format(task=NEXT_SENTENCE, data=jsonl)
-    target = folder / f"{NEXT_SENTENCE}.yaml"
-    if not target.is_file() or target.read_text() != yaml_text:
-        target.write_text(yaml_text)
+    write_if_changed(jsonl, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode())
+    write_if_changed(folder / f"{NEXT_SENTENCE}.yaml", TASK_YAML.format(task=NEXT_SENTENCE, data=jsonl).encode())
     return str(folder)
