@@ -225,19 +225,24 @@ def _routed_forward(module: nn.Module, views: dict[str, nn.Module]):
 def routed_experts(block: nn.Module, matrices: dict[str, nn.Module]):
     """Within the block, run every fused experts module through its views in ``matrices`` (names
     relative to the block, as ``block_matrices`` gives them), so forward hooks on the views see the
-    tokens routed to each expert; the modules' own forward is back afterwards."""
-    patched = []
+    tokens routed to each expert; the modules' own forward is back afterwards (an instance's own
+    ``forward``, e.g. accelerate's wrapper of an offloaded module, included)."""
+    patched: list[tuple[nn.Module, Any]] = []
+    missing = object()
     try:
         for name, module in experts_modules(block).items():
             views = {k.removeprefix(f"{name}."): v for k, v in matrices.items() if isinstance(v, ExpertMatrix)
                      and k.startswith(f"{name}.")}  # fmt: skip
             if views:
+                patched.append((module, vars(module).get("forward", missing)))
                 module.forward = _routed_forward(module, views)
-                patched.append(module)
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, own in patched:
+            if own is missing:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -205,3 +205,15 @@ def test_full_imp_keeps_every_zero_of_the_fused_tensors(family):
         assert bool((after[before == 0] == 0).all()), name
         assert not torch.equal(after, before), name  # the experts did train
     assert retrain.effective_sparsity(model) == pytest.approx(_by_hand(model)) == pytest.approx(0.5)
+
+
+def test_routing_restores_an_instance_forward():
+    """An offloaded module's forward is accelerate's wrapper, set on the instance: it comes back."""
+    model = tiny("mixtral")
+    block = model.model.layers[0]
+    experts = block.mlp.experts
+    own = experts.forward  # bound class forward, set on the instance as accelerate does
+    experts.forward = own
+    with adapters.routed_experts(block, adapters.block_matrices(block)):
+        assert experts.forward is not own
+    assert vars(experts)["forward"] is own
