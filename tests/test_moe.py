@@ -217,3 +217,13 @@ def test_routing_restores_an_instance_forward():
     with adapters.routed_experts(block, adapters.block_matrices(block)):
         assert experts.forward is not own
     assert vars(experts)["forward"] is own
+
+
+def test_the_pruning_memory_plan_counts_each_experts_statistics(tmp_path):
+    """SparseGPT keeps X^T X per distinct input: q/k/v's, o's, and per expert its gate/up and down inputs."""
+    from perplib.memory import PlanSpec, plan_prune
+
+    tiny("mixtral").config.save_pretrained(tmp_path)
+    plan = plan_prune(PlanSpec(model=str(tmp_path), dtype="float32", seqlen=16, prune="sparsegpt"))
+    hidden, inner, experts = 32, 64, 4
+    assert plan.gpu["statistics"] == 4 * (2 * hidden**2 + experts * (hidden**2 + inner**2))
