@@ -227,3 +227,13 @@ def test_the_pruning_memory_plan_counts_each_experts_statistics(tmp_path):
     plan = plan_prune(PlanSpec(model=str(tmp_path), dtype="float32", seqlen=16, prune="sparsegpt"))
     hidden, inner, experts = 32, 64, 4
     assert plan.gpu["statistics"] == 4 * (2 * hidden**2 + experts * (hidden**2 + inner**2))
+
+
+def test_owl_allocates_over_the_expert_matrices_too():
+    model = tiny("mixtral")
+    report = prune_(model, "wanda", "0.5", ids(4, seed=1), device="cpu", allocation="owl")
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert len(report.allocation["achieved"]) == 3 and len(set(report.allocation["targets"])) > 1
+    for i, target in enumerate(report.allocation["targets"]):  # every expert matrix of a block at its target
+        experts = [s for n, s in report.layers.items() if n.startswith(f"model.layers.{i}.mlp.experts.")]
+        assert len(experts) == 12 and all(s == pytest.approx(target, abs=0.02) for s in experts)
