@@ -8,13 +8,24 @@ the ``nn.ModuleList`` of ``num_hidden_layers`` blocks of one class, the prunable
 found by module type, the head is ``get_output_embeddings()``, the embeddings the ``nn.Embedding``
 modules outside the blocks. ``FAMILIES`` holds explicit entries only where that rule is wrong
 (none is needed for the families tested: OPT, LLaMA, Mistral, Mixtral, Qwen2/3, GPT-NeoX, Gemma 3,
-Phi-3, GPT-2). Fused 3-D expert tensors (Mixtral, Qwen2-MoE in transformers 5) are not matrices of
-a linear layer: they are listed by ``fused_experts`` and left dense (the prune report names them).
+Phi-3, GPT-2).
+
+Fused mixture-of-experts tensors (Mixtral, Qwen2-MoE, Qwen3-MoE, ... in transformers 5: one module
+holding 3-D parameters ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I)) are pruned like
+linear layers, one matrix per expert and projection (``expert_views``: ``mlp.experts.3.gate_proj``,
+``.up_proj``, ``.down_proj``, each an :class:`ExpertMatrix` whose weight is a *view* of its slice of
+the 3-D tensor, so pruning the view prunes the tensor). Such a module is found by structure: it
+carries transformers' experts-implementation interface (``use_experts_implementation`` sets its
+layout flags ``has_gate``, ``is_transposed``, ``is_concatenated``, ``has_bias``), and
+``routed_experts`` runs its forward through the views, so input-statistics hooks on them see the
+tokens the router sends to each expert. 3-D parameters of any other module are not read as matrices:
+``fused_experts`` lists them, they stay dense and the prune report names them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,11 +55,12 @@ class ModelAdapter:
 
     def prunable(self, model: nn.Module) -> dict[str, nn.Module]:
         """Every ``nn.Linear`` (and GPT-2 ``Conv1D``) inside the decoder blocks (not embeddings, not
-        the head), by qualified name, in forward order (Section 2.3: uniform sparsity over these).
-        ``matrix(module)`` is its weight as an out x in matrix."""
+        the head) and every expert matrix of a fused experts module (:class:`ExpertMatrix`, views made
+        now: not modules of the model), by qualified name, in definition order (Section 2.3: uniform
+        sparsity over these). ``matrix(module)`` is its weight as an out x in matrix."""
         out: dict[str, nn.Module] = {}
         for i, block in enumerate(self.blocks(model)):
-            for name, mod in block_linears(block).items():
+            for name, mod in block_matrices(block).items():
                 out[f"{self.block_prefix(i)}.{name}"] = mod
         return out
 
@@ -61,12 +73,24 @@ class ModelAdapter:
         return model.get_submodule(self.head)
 
     def fused_experts(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """3-D parameters inside the blocks (fused MoE expert tensors): not pruned, by name."""
+        """3-D parameters inside the blocks that are not read as expert matrices (their module does
+        not carry the experts interface, see the module docstring): not pruned, by name."""
+        out = {}
+        for i, block in enumerate(self.blocks(model)):
+            covered = {f"{n}.{p}" for n, m in experts_modules(block).items() for p in _EXPERT_PARAMS if hasattr(m, p)}
+            out.update({f"{self.block_prefix(i)}.{n}": p for n, p in block.named_parameters()
+                        if p.ndim >= 3 and n not in covered})  # fmt: skip
+        return out
+
+    def expert_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The fused 3-D expert weights that are pruned (``gate_up_proj``/``up_proj``, ``down_proj``
+        of every experts module), by qualified parameter name: what Full IMP's masks hold."""
         return {
-            f"{self.block_prefix(i)}.{n}": p
+            f"{self.block_prefix(i)}.{n}.{p}": getattr(m, p)
             for i, block in enumerate(self.blocks(model))
-            for n, p in block.named_parameters()
-            if p.ndim >= 3
+            for n, m in experts_modules(block).items()
+            for p in _EXPERT_PARAMS
+            if isinstance(getattr(m, p, None), torch.Tensor)
         }
 
     def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -91,6 +115,134 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """The prunable layers of one block by name (relative to the block), in definition order;
     a LoRA wrapper's own A/B matrices are not among them."""
     return {n: m for n, m in block.named_modules() if is_prunable(m) and ".lora_" not in f".{n}"}
+
+
+def block_matrices(block: nn.Module) -> dict[str, nn.Module]:
+    """Everything pruned in one block by name (relative to the block), in definition order: its
+    prunable layers (``block_linears``) and, where a fused experts module sits, its expert matrices
+    (``expert_views``, made now)."""
+    experts = experts_modules(block)
+    out: dict[str, nn.Module] = {}
+    for name, module in block.named_modules():
+        if name in experts:
+            out.update(expert_views(module, name))
+        elif is_prunable(module) and ".lora_" not in f".{name}":
+            out[name] = module
+    return out
+
+
+# --- fused mixture-of-experts modules ---------------------------------------------------------------
+_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A fused experts module: transformers' experts interface (layout flags set by
+    ``use_experts_implementation``) and 3-D ``down_proj`` plus ``gate_up_proj`` or ``up_proj``."""
+    if not all(hasattr(module, f) for f in ("has_gate", "is_transposed")):
+        return False
+    first = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return all(isinstance(t, torch.Tensor) and t.ndim == 3 for t in (first, down))
+
+
+def experts_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules inside one block, by name relative to the block."""
+    return {n: m for n, m in block.named_modules() if n and is_experts(m)}
+
+
+class ExpertMatrix(nn.Linear):
+    """One expert's projection inside a fused 3-D expert tensor, as a linear layer: ``weight`` (out x
+    in) and ``bias`` are views of the fused parameters' slices (never copies), so in-place edits
+    (pruning) reach the fused tensor. ``source``: the fused parameter's name relative to the block.
+    Not a module of the model; made fresh by ``expert_views`` (a view goes stale when the fused
+    parameter's storage is replaced, e.g. by ``model.to(...)``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, source: str) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.source = source
+
+
+def expert_views(module: nn.Module, prefix: str = "") -> dict[str, ExpertMatrix]:
+    """The expert matrices of a fused experts module: ``{prefix}.{e}.gate_proj`` / ``.up_proj`` (the
+    two halves of ``gate_up_proj``: first and second half of its rows when concatenated, even and
+    odd rows when interleaved) and ``.down_proj`` for every expert ``e``; a non-gated module
+    (``up_proj``) has no gate. A transposed layout (E, in, out) is read as its transposed matrices."""
+    pre = f"{prefix}." if prefix else ""
+    transposed = bool(module.is_transposed)
+
+    def rows(name: str, e: int, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = getattr(module, name).data[e]
+        w = w.t() if transposed else w
+        b = getattr(module, f"{name}_bias", None) if getattr(module, "has_bias", False) else None
+        return w[sl], None if b is None else b.data[e][sl]
+
+    out: dict[str, ExpertMatrix] = {}
+    for e in range(module.down_proj.shape[0]):
+        if module.has_gate:
+            two = (module.gate_up_proj.shape[2] if transposed else module.gate_up_proj.shape[1]) // 2
+            concatenated = getattr(module, "is_concatenated", True)
+            halves = (slice(0, two), slice(two, 2 * two)) if concatenated else (slice(0, None, 2), slice(1, None, 2))
+            for proj, sl in zip(("gate_proj", "up_proj"), halves, strict=True):
+                out[f"{pre}{e}.{proj}"] = ExpertMatrix(*rows("gate_up_proj", e, sl), f"{pre}gate_up_proj")
+        else:
+            out[f"{pre}{e}.up_proj"] = ExpertMatrix(*rows("up_proj", e, slice(None)), f"{pre}up_proj")
+        out[f"{pre}{e}.down_proj"] = ExpertMatrix(*rows("down_proj", e, slice(None)), f"{pre}down_proj")
+    return out
+
+
+def _routed_forward(module: nn.Module, views: dict[str, nn.Module]):
+    """An eager experts forward that computes every expert through its ``ExpertMatrix`` views
+    (``views`` keyed ``{e}.gate_proj`` ...), on exactly the tokens the router sent to it; output
+    as the module's own forward (routing weights applied, summed per token)."""
+    concatenated = getattr(module, "is_concatenated", True)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.down_proj.shape[0]):
+            token, slot = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            x = hidden_states[token]
+            if self.has_gate:
+                gate, up = views[f"{e}.gate_proj"](x), views[f"{e}.up_proj"](x)
+                both = torch.cat([gate, up], -1) if concatenated else torch.stack([gate, up], -1).flatten(-2)
+                h = self._apply_gate(both)
+            else:
+                h = self.act_fn(views[f"{e}.up_proj"](x))
+            y = views[f"{e}.down_proj"](h)
+            if getattr(self, "has_post_expert_norm", False):
+                y = self.post_expert_norm(y)
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    return types.MethodType(forward, module)
+
+
+@contextlib.contextmanager
+def routed_experts(block: nn.Module, matrices: dict[str, nn.Module]):
+    """Within the block, run every fused experts module through its views in ``matrices`` (names
+    relative to the block, as ``block_matrices`` gives them), so forward hooks on the views see the
+    tokens routed to each expert; the modules' own forward is back afterwards (an instance's own
+    ``forward``, e.g. accelerate's wrapper of an offloaded module, included)."""
+    patched: list[tuple[nn.Module, Any]] = []
+    missing = object()
+    try:
+        for name, module in experts_modules(block).items():
+            views = {k.removeprefix(f"{name}."): v for k, v in matrices.items() if isinstance(v, ExpertMatrix)
+                     and k.startswith(f"{name}.")}  # fmt: skip
+            if views:
+                patched.append((module, vars(module).get("forward", missing)))
+                module.forward = _routed_forward(module, views)
+        yield
+    finally:
+        for module, own in patched:
+            if own is missing:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -209,10 +361,15 @@ def lora_target_layers(model: nn.Module, which: str = "all") -> tuple[list[str],
     """The prunable layers (qualified names, forward order) that get LoRA under the set ``which``,
     and a description for records: the set asked for, the set it resolved to and the layers of one
     block it names (``{"set": "paper", "resolved": "qv", "modules": ["self_attn.q_proj", ...]}``).
-    A set the model cannot form (``qv`` with a fused q/k/v projection) is an error naming why."""
+    A set the model cannot form (``qv`` with a fused q/k/v projection) is an error naming why.
+    Expert matrices of fused 3-D expert tensors get no LoRA (a LoRA layer wraps a linear module;
+    the paper's Mixtral set is attention only): under ``all`` they are skipped, and the description
+    says so (``"skipped": {"fused_experts": [names relative to the block], "why": ...}``)."""
     adapter = adapter_for(model)
     resolved = resolve_lora_set(model, which)
-    prunable = list(adapter.prunable(model))
+    matrices = adapter.prunable(model)
+    prunable = [n for n, m in matrices.items() if not isinstance(m, ExpertMatrix)]
+    experts = sorted({n for block in adapter.blocks(model) for n in experts_modules(block)})
     chosen = set(prunable)
     if resolved != "all":
         chosen = set()
@@ -235,7 +392,13 @@ def lora_target_layers(model: nn.Module, which: str = "all") -> tuple[list[str],
     layers = [n for n in prunable if n in chosen]
     first = adapter.block_prefix(0) + "."
     modules = [n.removeprefix(first) for n in layers if n.startswith(first)]
-    return layers, {"set": which, "resolved": resolved, "modules": modules}
+    described: dict[str, Any] = {"set": which, "resolved": resolved, "modules": modules}
+    if resolved == "all" and len(prunable) < len(matrices):
+        described["skipped"] = {
+            "fused_experts": experts,
+            "why": "expert matrices are slices of fused 3-D tensors, not linear modules a LoRA layer can wrap",
+        }
+    return layers, described
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

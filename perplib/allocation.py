@@ -127,7 +127,7 @@ def outlier_ratios(model: nn.Module, calibration: torch.Tensor, m: float, *, dev
     and the wall time."""
     import time
 
-    from .adapters import block_linears, matrix
+    from .adapters import block_matrices, matrix, routed_experts
     from .criteria import column_norms, wanda_scores
     from .pruning import collect_input_stats, walk_blocks
 
@@ -135,9 +135,11 @@ def outlier_ratios(model: nn.Module, calibration: torch.Tensor, m: float, *, dev
     t0 = time.perf_counter()
 
     def visit(_i: int, block: nn.Module, inputs: list, at: torch.device) -> None:
-        linears = block_linears(block)
-        stats = collect_input_stats(block, linears, inputs, False, at)
-        scores = [wanda_scores(matrix(lin), column_norms(stats[n].value())) for n, lin in linears.items()]
+        linears = block_matrices(block)
+        with routed_experts(block, linears):  # fused experts: each expert's own tokens
+            stats = collect_input_stats(block, linears, inputs, False, at)
+        # an expert no calibration token reached has no Wanda score: it takes no part in the ratio
+        scores = [wanda_scores(matrix(lin), column_norms(stats[n].value())) for n, lin in linears.items() if n in stats]
         ratios.append(outlier_ratio(scores, m))
 
     walk_blocks(model, calibration, visit, device=device, batch_size=batch_size, write_back=False)
@@ -148,7 +150,7 @@ def owl_counts(
     model: nn.Module, ratios: Sequence[float], target: float, lam: float
 ) -> tuple[dict[str, int], list[float]]:
     """Per-layer counts and block sparsities of OWL for ``model`` (its prunable layers)."""
-    from .adapters import adapter_for, block_linears
+    from .adapters import adapter_for, block_matrices
 
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
@@ -156,7 +158,7 @@ def owl_counts(
         raise ValueError(f"{len(ratios)} outlier ratios for {len(blocks)} decoder blocks")
     sizes, block_of = {}, {}
     for i, block in enumerate(blocks):
-        for name, mod in block_linears(block).items():
+        for name, mod in block_matrices(block).items():
             full = f"{adapter.block_prefix(i)}.{name}"
             sizes[full], block_of[full] = mod.weight.numel(), i
     sparsities = owl_sparsities(ratios, target, lam)

@@ -667,6 +667,13 @@ def plan_prune(spec: PlanSpec) -> PrunePlan:
         lin = first.get_submodule(group[0])
         widths.append(lin.weight.shape[1])
     shapes = [tuple(m.weight.shape) for m in first.modules() if isinstance(m, nn.Linear)]
+    from .adapters import expert_views, experts_modules
+
+    for module in experts_modules(first).values():  # fused MoE experts: statistics per expert, of its own input
+        views = expert_views(module)
+        shapes += [tuple(v.weight.shape) for v in views.values()]
+        for e in range(module.down_proj.shape[0]):  # gate and up read one input, down another
+            widths += [views[f"{e}.up_proj"].in_features, views[f"{e}.down_proj"].in_features]
     out_f, in_f = max(shapes, key=lambda s: s[0] * s[1])
     wide = max(max(s) for s in shapes)  # the MLP's inner width
     max_in = max(widths) if widths else in_f

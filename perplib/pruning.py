@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import offload
-from .adapters import adapter_for, block_linears, capture_block_inputs, matrix, run_block
+from .adapters import ExpertMatrix, adapter_for, block_matrices, capture_block_inputs, matrix, routed_experts, run_block
 from .config import PRUNE_SCOPES
 from .criteria import column_norms, hessian, magnitude_scores, select, sparsegpt_prune, wanda_scores
 from .sparsity import Sparsity, count_mask
@@ -61,7 +61,9 @@ class PruneReport:
     prunable: int
     timings: dict[str, float]
     allocation: dict[str, Any] | None = None  # OWL: m, lam, ratios, block targets and achieved sparsities
-    unpruned: list[str] = field(default_factory=list)  # fused 3-D expert tensors left dense, by name
+    unpruned: list[str] = field(default_factory=list)  # 3-D tensors not read as expert matrices: left dense
+    # expert matrices the router sent no calibration token: pruned by magnitude instead (Wanda, SparseGPT)
+    magnitude_fallback: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,8 +252,8 @@ def prune_(
         )
     if fused := adapter.fused_experts(model):  # not a linear layer's matrix: left dense, and said so
         warnings.warn(
-            f"{len(fused)} fused 3-D expert tensors (e.g. {next(iter(fused))!r}) are not pruned: perplib prunes "
-            "linear layers; the report lists them under 'unpruned'",
+            f"{len(fused)} 3-D tensors (e.g. {next(iter(fused))!r}) are not pruned: perplib prunes linear layers "
+            "and the experts of transformers' fused experts modules; the report lists them under 'unpruned'",
             stacklevel=2,
         )
     for name, lin in linears.items():
@@ -298,6 +300,7 @@ def prune_(
             local[i] = {n[len(prefix) :]: k for n, k in counts.items() if n.startswith(prefix)}
 
     zeros: dict[str, int] = {}  # per layer, counted while its block is materialised
+    fallback: list[str] = []  # expert matrices without routed calibration tokens
     if nothing_to_do:
         for i, block in enumerate(adapter.blocks(model)):
             with offload.materialized(block, offload.processing_device(block, device)):
@@ -315,7 +318,9 @@ def prune_(
             timings["hooks"] = 0.0
 
         def visit(i: int, block: nn.Module, inputs: list, at: torch.device) -> None:
-            _prune_block(block, inputs, method, sp, per_row, at, blocksize, percdamp, timings, local.get(i), i, hooks)
+            unseen = _prune_block(block, inputs, method, sp, per_row, at, blocksize, percdamp, timings, local.get(i), i,
+                                  hooks)  # fmt: skip
+            fallback.extend(f"{adapter.block_prefix(i)}.{n}" for n in unseen)
             _count_zeros(block, adapter.block_prefix(i), zeros)
 
         walk_blocks(model, calib, visit, device=device, batch_size=batch_size, timings=timings, hooks=hooks)
@@ -347,12 +352,13 @@ def prune_(
         timings=timings,
         allocation=info,
         unpruned=sorted(fused),
+        magnitude_fallback=fallback,
     )
     return report
 
 
 def _count_zeros(block: nn.Module, prefix: str, zeros: dict[str, int]) -> None:
-    for name, lin in block_linears(block).items():
+    for name, lin in block_matrices(block).items():
         zeros[f"{prefix}.{name}"] = lin.weight.numel() - int(torch.count_nonzero(lin.weight))
 
 
@@ -407,33 +413,40 @@ def walk_blocks(
 
 
 def _prune_linears(block, method, stats, sp, per_row, blocksize, percdamp, counts=None) -> None:
-    """Prune every linear of one block by its criterion, to ``sp`` or to its entry of ``counts``."""
-    for name, lin in block_linears(block).items():
+    """Prune every linear (and expert matrix) of one block by its criterion, to ``sp`` or to its entry
+    of ``counts``. A layer without statistics (an expert no calibration token was routed to) is
+    pruned by magnitude."""
+    for name, lin in block_matrices(block).items():
         w = matrix(lin)
         k = None if counts is None else counts[name]
         target = sp if k is None else Sparsity(ratio=min(k / w.numel(), 1 - 1e-12))
-        if method == "sparsegpt":
+        criterion = "magnitude" if stats is not None and name not in stats else method
+        if criterion == "sparsegpt":
             s = stats[name]
             w_new, _ = sparsegpt_prune(w, hessian(s.value(), s.sequences), target, blocksize, percdamp, per_row=per_row)
             w.copy_(w_new)
             continue
-        scores = magnitude_scores(w) if method == "magnitude" else wanda_scores(w, column_norms(stats[name].value()))
+        scores = magnitude_scores(w) if criterion == "magnitude" else wanda_scores(w, column_norms(stats[name].value()))
         w.mul_(select(scores, sp, per_row=per_row) if k is None else count_mask(scores, k, per_row=per_row))
 
 
 def _prune_block(
     block, inputs, method, sp, per_row, device, blocksize, percdamp, timings, counts=None, index=0, hooks=()
-) -> None:
-    """Hooks on the dense block, statistics from it, prune its linears, hooks on the pruned block."""
+) -> list[str]:
+    """Hooks on the dense block, statistics from it, prune its linears, hooks on the pruned block.
+    Returns the expert matrices that saw no calibration token (pruned by magnitude)."""
     _run_hooks(hooks, "before", index, block, inputs, device, timings)
     stats = None
+    unseen: list[str] = []
     if method in CALIBRATED:
-        linears = block_linears(block)
+        linears = block_matrices(block)
         t = time.perf_counter()
-        stats = collect_input_stats(block, linears, inputs, method == "sparsegpt", device)
+        with routed_experts(block, linears):  # fused experts: each expert's tokens reach its views' hooks
+            stats = collect_input_stats(block, linears, inputs, method == "sparsegpt", device)
         _sync(device)
         timings["stats"] += time.perf_counter() - t
-        missing = [name for name in linears if name not in stats]
+        unseen = [name for name, m in linears.items() if name not in stats and isinstance(m, ExpertMatrix)]
+        missing = [name for name in linears if name not in stats and name not in unseen]
         if missing:
             raise RuntimeError(f"layer {missing[0]} of a decoder block was not called during the block's forward pass")
 
@@ -443,6 +456,7 @@ def _prune_block(
     _sync(device)
     timings["solve"] += time.perf_counter() - t
     _run_hooks(hooks, "after", index, block, inputs, device, timings)
+    return unseen
 
 
 def _run_hooks(hooks, phase: str, index: int, block: nn.Module, inputs: list, device, timings) -> None:

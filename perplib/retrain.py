@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import adapter_for, lora_target_layers
+from .adapters import ExpertMatrix, adapter_for, lora_target_layers
 from .config import HEAD_MODES, RETRAIN_GROUPS, RETRAIN_PRESETS, RunConfig, retrain_groups
 from .lora import LoraSpec, add_lora_, lora_layers, lora_parameter_count, merge_, untie_head_
 
@@ -142,7 +142,9 @@ def mark_trainable_(
     if groups == ("full",):
         for p in model.parameters():
             p.requires_grad_(True)
-        masks = {name: (m.weight.detach() != 0) for name, m in prunable.items()}
+        # fused experts: one mask per 3-D tensor (by parameter name), enforced on the tensor itself
+        masks = {name: (m.weight.detach() != 0) for name, m in prunable.items() if not isinstance(m, ExpertMatrix)}
+        masks |= {name: (p.detach() != 0) for name, p in adapter.expert_tensors(model).items()}
         return Trainable(groups, {"full": base_total}, base_total, (), False, masks)
 
     head_untied = False
@@ -360,7 +362,8 @@ def train_(
 ) -> dict[str, Any]:
     """Train the parameters that require gradients on token ``windows`` [N, seqlen] (in place).
 
-    ``masks`` (Full IMP) maps prunable layer names to keep-masks enforced after every step.
+    ``masks`` (Full IMP) maps prunable layer names (fused expert tensors: parameter names) to
+    keep-masks enforced after every step.
     ``evaluate()`` (a perplexity) is called at step 0, every ``settings.eval_every`` steps and, with
     ``evaluate_last``, after the last step (a caller that evaluates the final model anyway passes
     False and adds that value itself). Returns the loss / lr / throughput history and timings.
@@ -413,9 +416,12 @@ def train_(
     layers = lora_layers(model)
     enforced = []
     for name, mask in (masks or {}).items():
-        module = layers[name].get_base_layer() if name in layers else modules[name]
+        if name in layers or name in modules:
+            weight = (layers[name].get_base_layer() if name in layers else modules[name]).weight
+        else:  # a fused 3-D expert tensor, by its parameter name
+            weight = model.get_parameter(name)
         # beside its weight (a device map may spread layers over GPUs); multiplying: ~25x masked_fill_
-        enforced.append((module.weight, mask.to(module.weight.device).view(torch.uint8)))
+        enforced.append((weight, mask.to(weight.device).view(torch.uint8)))
     use_cache = getattr(model.config, "use_cache", None)
     start = time.perf_counter()
     trained_s, loss_value = 0.0, float("nan")

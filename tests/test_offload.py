@@ -32,11 +32,12 @@ MAPS = {  # the tied embedding and head stay together on the CPU; blocks and nor
         "lm_head": "cpu",
     },
 }  # fmt: skip
+MAPS["mixtral"] = MAPS["llama"]  # fused 3-D expert tensors offloaded to disk, pruned through their views
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer):
-    """tiny-llama and tiny-opt saved as Hugging Face checkpoints (what from_pretrained offloads from)."""
+    """tiny-llama, tiny-opt and tiny-mixtral saved as Hugging Face checkpoints (what from_pretrained offloads from)."""
     out = {}
     for family in MAPS:
         model, _ = load_model(f"tiny-{family}")
@@ -56,7 +57,7 @@ def _digest(path) -> str:
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every linear weight of the decoder blocks, loaded from wherever it lives."""
+    """Every linear weight (and fused 3-D expert tensor) of the decoder blocks, loaded from wherever it lives."""
     from perplib.adapters import adapter_for
 
     adapter, out = adapter_for(model), {}
@@ -65,6 +66,9 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, m in block.named_modules():
                 if isinstance(m, nn.Linear):
                     out[f"{adapter.block_prefix(i)}.{name}"] = m.weight.detach().clone()
+            for name, p in block.named_parameters():
+                if p.ndim == 3:
+                    out[f"{adapter.block_prefix(i)}.{name}"] = p.detach().clone()
     return out
 
 
