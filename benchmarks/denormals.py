@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
+    parser.add_argument("--order", default="off,on", choices=["off,on", "on,off"],
+                        help="which setting runs first (a repeat in the other order separates load from effect)")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             for lr in lrs:
                 pair = {}
-                for flush in (False, True):
+                for flush in (False, True) if args.order == "off,on" else (True, False):
                     job = {
                         "model": model, "method": method, "lr": lr, "flush": flush, "seqlen": args.seqlen,
                         "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps,
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     print(f"\n{'model':14s} {'method':12s} {'lr':>7s} {'median off':>10s} {'median on':>10s} {'off/on':>7s} "
           f"{'ppl off':>10s} {'ppl on':>10s} {'rel. diff':>9s}")  # fmt: skip
-    for off, on in zip(rows[::2], rows[1::2], strict=True):
+    pairs = zip(rows[::2], rows[1::2], strict=True)
+    for off, on in pairs if args.order == "off,on" else ((b, a) for a, b in pairs):
         print(f"{off['model']:14s} {off['method']:12s} {off['lr']:7.0e} {off['median_s']:10.3f} {on['median_s']:10.3f} "
               f"{off['median_s'] / on['median_s']:7.2f} {off['perplexity']:10.4f} {on['perplexity']:10.4f} "
               f"{on['perplexity'] / off['perplexity'] - 1:+9.1e}")  # fmt: skip
