@@ -62,6 +62,9 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", metavar="FILE", help="also write the record (configuration, metrics, timings) to FILE")
     g.add_argument("--results", metavar="DIR", help="results store folder (default: $PERPLIB_RESULTS or ./results)")
     g.add_argument("--force", action="store_true", help="recompute even if a finished record exists")
+    from .runtime import add_arguments
+
+    add_arguments(p.add_argument_group("CPU runtime (recorded in every record's env.runtime)"))
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
@@ -427,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # every command that computes: eval, prune, run
+            from .runtime import from_args
+
+            from_args(args)
         args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:  # FloatingPointError: Diverged
         print(f"perp {args.command}: error: {e}", file=sys.stderr)

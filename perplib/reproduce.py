@@ -8,7 +8,10 @@ A profile is ``notebooks/profiles/<name>.yaml``: a ``common`` mapping plus one m
 notebook stem. Each notebook gets only the parameters its ``parameters`` cell declares (common
 values it does not declare are left out; a notebook entry naming an undeclared parameter, or a
 declared parameter the profile does not set, is an error before anything runs). Notebooks run one
-at a time; the console shows one line per run and per notebook, the full output of each notebook
+at a time (one kernel, one heavy process: two torch processes on the same cores slow each other
+tenfold), each with the same explicit torch thread count (``--threads``, default: every CPU this
+process may use; passed to the kernels as ``PERPLIB_THREADS`` and ``OMP_NUM_THREADS``) and denormal
+flushing (``--no-flush-denormals`` keeps denormals), recorded in every record's ``env.runtime``. The console shows one line per run and per notebook, the full output of each notebook
 goes to ``build/<profile>/<notebook>.log`` next to the executed copy. Figures and tables go to
 ``figures/<profile>/`` and ``tables/<profile>/``, records to the results store, so a rerun reuses
 finished runs and an interrupted one resumes where it stopped. After the last notebook, the
@@ -18,12 +21,14 @@ claims of every notebook are gathered into ``tables/<profile>/claims.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -161,9 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--xfail", action="append", default=[], metavar="STEM",
                         help="a notebook expected to fail (a known bug being fixed): its failure is reported and "
                              "does not fail the run, but its success does, so that the entry gets removed")  # fmt: skip
+    from . import runtime
+
+    runtime.add_arguments(parser)
     args = parser.parse_args(argv)
 
     from . import dryrun
+
+    try:
+        threads = args.threads or runtime.env_threads() or runtime.usable_cpus()
+        flush = False if args.no_flush_denormals else runtime.env_flush()
+    except ValueError as e:
+        parser.error(str(e))
 
     try:
         load_profile(args.profile)
@@ -193,7 +207,35 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = dry / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
     label = f"profile {args.profile}" + (" (dry run)" if args.dry_run else "")
-    print(f"{len(books)} notebook(s), {label}; logs and executed notebooks in {out_dir}", flush=True)
+    print(f"{len(books)} notebook(s), {label}, one at a time with {threads} torch thread(s), denormals "
+          f"{'flushed' if flush else 'kept'}; logs and executed notebooks in {out_dir}", flush=True)  # fmt: skip
+
+    with _kernel_environment(threads, flush):
+        return _run(args, plan, out_dir)
+
+
+@contextlib.contextmanager
+def _kernel_environment(threads: int, flush: bool) -> Iterator[None]:
+    """The kernels' CPU settings, in the environment they inherit while the notebooks run
+    (``perplib.runtime.ensure`` reads them at each run; torch reads ``OMP_NUM_THREADS`` at import)."""
+    from . import runtime
+
+    wanted = {runtime.THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads), runtime.FLUSH_ENV: str(int(flush))}
+    before = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run(args: argparse.Namespace, plan: dict[Path, dict[str, Any]], out_dir: Path) -> int:
+    """Execute the notebooks of ``plan`` one after the other; returns the exit status."""
+    from . import dryrun
 
     failed: list[str] = []
     expected, unexpected = [], []  # --xfail notebooks that failed / passed

@@ -63,12 +63,15 @@ def environment() -> dict[str, Any]:
         rev = proc.stdout.strip() if proc.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         rev = None
-    device = "cpu"
+    device, settings = "cpu", None
     try:
         import torch
 
+        from . import runtime
+
         if torch.cuda.is_available():
             device = torch.cuda.get_device_name(0)
+        settings = runtime.settings()  # thread count and denormal flushing the run computed with
     except ImportError:
         pass
     return {
@@ -77,6 +80,7 @@ def environment() -> dict[str, Any]:
         "git_revision": rev,
         "device": device,
         "host_cpus": os.cpu_count(),
+        "runtime": settings,
     }
 
 
@@ -144,10 +148,15 @@ class ResultStore:
     def run(
         self, kind: str, config: Any, fn: Callable[[], Mapping[str, Any]], *, force: bool = False
     ) -> dict[str, Any]:
-        """Reuse the finished record for ``config`` or compute it with ``fn`` and store it."""
+        """Reuse the finished record for ``config`` or compute it with ``fn`` and store it. A run
+        computes under the process's CPU runtime settings (``runtime.ensure``: denormals flushed
+        and the thread count, unless configured otherwise), which its record keeps in ``env.runtime``."""
         if not force and (done := self.get(kind, config)) is not None:
             done["reused"] = True
             return done
+        from . import runtime
+
+        runtime.ensure()
         record = self.put(kind, config, fn())
         record["reused"] = False
         return record

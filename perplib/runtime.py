@@ -1,11 +1,17 @@
 """Process-wide CPU settings of a heavy run: torch's thread count and flushing of denormal floats.
 
 Both change speed, not what is computed (flushing sets values below 2^-126 to zero; see
-``benchmarks/denormals.py`` for its effect), and both are recorded with every result:
+``benchmarks/denormals.py`` for its effect), and both are recorded with every result (the record's
+``env.runtime``, not its key):
 
     >>> from perplib import runtime
     >>> runtime.configure(threads=2, flush_denormals=True)
     {'torch_threads': 2, 'flush_denormals': True}
+
+Every computed record (``ResultStore.run``) first calls :func:`ensure`: unless the process chose its
+settings already (``configure``, the ``perp`` options ``--threads`` / ``--no-flush-denormals``), the
+defaults apply: denormals flushed (``PERPLIB_FLUSH_DENORMALS=0`` keeps them) and torch's thread count
+(``PERPLIB_THREADS=N`` sets it; otherwise torch's own, which follows ``OMP_NUM_THREADS``).
 
 ``torch.set_flush_denormal`` sets the flag of the calling thread only, so a computation that
 torch splits over its OpenMP pool would keep denormals in the other threads' halves;
@@ -14,12 +20,16 @@ torch splits over its OpenMP pool would keep denormals in the other threads' hal
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import os
 from typing import Any
 
 import torch
 
-_state: dict[str, Any] = {"flush_denormals": False}
+FLUSH_ENV = "PERPLIB_FLUSH_DENORMALS"
+THREADS_ENV = "PERPLIB_THREADS"
+_state: dict[str, Any] = {"flush_denormals": False, "configured": False}
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
@@ -60,7 +70,102 @@ def configure(threads: int | None = None, flush_denormals: bool = True) -> dict[
             raise ValueError(f"threads={threads!r}: must be a positive integer (or None for torch's default)")
         torch.set_num_threads(threads)
     set_flush_denormals(flush_denormals)
+    _state["configured"] = True
     return settings()
+
+
+def positive_threads(value: Any, source: str = "threads") -> int:
+    """``value`` (an int or its text) as a thread count >= 1, else a ValueError naming ``source``."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"{source}={value!r}: the thread count must be a positive integer")
+    return threads
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS says it, else every CPU)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def env_flush() -> bool:
+    """Denormal flushing as ``PERPLIB_FLUSH_DENORMALS`` asks (unset: on)."""
+    value = os.environ.get(FLUSH_ENV, "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{FLUSH_ENV}={value!r}: use 1 (flush denormals, the default) or 0 (keep them)")
+
+
+def env_threads() -> int | None:
+    """The thread count ``PERPLIB_THREADS`` asks for (unset: None, torch's own)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    return positive_threads(value, THREADS_ENV) if value else None
+
+
+def apply(threads: int | None = None, flush_denormals: bool | None = None) -> dict[str, Any]:
+    """:func:`configure`, taking what is None from the environment (``PERPLIB_THREADS``,
+    ``PERPLIB_FLUSH_DENORMALS``; defaults: torch's thread count, flushing on)."""
+    return configure(
+        threads=env_threads() if threads is None else threads,
+        flush_denormals=env_flush() if flush_denormals is None else flush_denormals,
+    )
+
+
+def ensure() -> dict[str, Any]:
+    """The settings of a heavy run: the defaults (:func:`apply`) unless this process configured its
+    own already; returns :func:`settings`."""
+    return settings() if _state["configured"] else apply()
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The command-line options ``--threads`` and ``--no-flush-denormals`` (see :func:`from_args`)."""
+    parser.add_argument("--threads", type=_threads_option, default=None, metavar="N",
+                        help=f"torch CPU threads (default: ${THREADS_ENV}, else torch's, which follows "
+                             "$OMP_NUM_THREADS); running several jobs at once, give each cores/jobs")  # fmt: skip
+    parser.add_argument("--no-flush-denormals", dest="no_flush_denormals", action="store_true", default=None,
+                        help=f"keep denormal floats (default: flushed to zero on the CPU, a speed setting; "
+                             f"${FLUSH_ENV}=0 does the same)")  # fmt: skip
+
+
+def _threads_option(text: str) -> int:
+    try:
+        return positive_threads(text, "--threads")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (the number of torch threads)") from e
+
+
+def from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Apply the options of :func:`add_arguments` (what is not given comes from the environment)."""
+    return apply(
+        threads=getattr(args, "threads", None),
+        flush_denormals=False if getattr(args, "no_flush_denormals", None) else None,
+    )
+
+
+_BITS = {  # dtype -> (integer view, exponent bits, mantissa bits)
+    torch.float32: (torch.int32, 0x7F800000, 0x007FFFFF),
+    torch.bfloat16: (torch.int16, 0x7F80, 0x007F),
+    torch.float16: (torch.int16, 0x7C00, 0x03FF),
+}
+
+
+def count_denormals(x: torch.Tensor) -> int:
+    """How many entries of a floating-point tensor are denormal (exponent bits all zero, mantissa
+    not). Read from the bits, so that the count is right also while denormals are flushed (a
+    comparison would see them as zero then); 0 for other dtypes (fp64's denormals never arise here)."""
+    bits = _BITS.get(x.dtype)
+    if bits is None:
+        return 0
+    view, exponent, mantissa = bits
+    raw = x.detach().contiguous().view(view)
+    return int(((raw & exponent) == 0).logical_and_((raw & mantissa) != 0).sum())
 
 
 def settings() -> dict[str, Any]:

@@ -126,3 +126,37 @@ def test_paper_profile_llm_settings():
     profile = load_profile("paper")
     assert profile["common"]["seqlen"] is None
     assert profile["33_magnitude_llms"]["scope"] == "matrix"
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
+@pytest.mark.parametrize("command", [["eval"], ["prune", "--method", "magnitude"], ["run", "--retrain", "none"]])
+def test_a_bad_thread_count_is_refused_before_anything_runs(command, bad, capsys, monkeypatch):
+    from perplib import experiments
+
+    monkeypatch.setattr(experiments, "run_llm", lambda *a, **k: pytest.fail("ran despite a bad --threads"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--model", "tiny-llama", "--threads", bad])
+    assert exit_.value.code == 2
+    assert (
+        f"argument --threads: {bad!r} is not a positive integer (the number of torch threads)"
+        in capsys.readouterr().err
+    )
+
+
+def test_perp_records_its_threads_and_denormal_flushing(tmp_path):
+    import torch
+
+    from perplib import runtime
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", "tiny-llama", "--seqlen", "32", "--windows", "1", "--json", str(out),
+            "--threads", "1", "--no-flush-denormals"]  # fmt: skip
+    try:
+        assert cli.main(argv) == 0
+        assert json.loads(out.read_text())["env"]["runtime"] == {"torch_threads": 1, "flush_denormals": False}
+        assert cli.main([*argv[:-3], "--force"]) == 0  # not given: flushing (the default), torch's threads
+        assert json.loads(out.read_text())["env"]["runtime"] == runtime.settings()
+        assert runtime.settings()["flush_denormals"] is True
+    finally:
+        runtime.configure(threads=threads, flush_denormals=False)

@@ -108,3 +108,28 @@ def test_xfail_notebooks_must_fail_and_a_pass_fails_the_run(tmp_path, monkeypatc
     (tmp_path / "notebooks" / "profiles" / "p.yaml").write_text("x: {models: [a], steps: 2}\n")
     assert reproduce.main(["--profile", "p", "--xfail", "x"]) == 1  # fixed: the --xfail entry must go
     assert "passed although expected to fail: ['x']" in capsys.readouterr().out
+
+
+def test_kernels_get_an_explicit_thread_count_and_flushing_and_a_bad_count_stops_early(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PERPLIB_ROOT", str(tmp_path))
+    monkeypatch.setenv("PERPLIB_BUILD", str(tmp_path / "build"))
+    for name in ("PERPLIB_THREADS", "OMP_NUM_THREADS", "PERPLIB_FLUSH_DENORMALS"):  # restored after the test
+        monkeypatch.setenv(name, "")
+    cells = ["import os, torch\nfrom perplib import runtime\n"
+             "print('settings', runtime.ensure(), os.environ['OMP_NUM_THREADS'])"]  # fmt: skip
+    fake_repo(tmp_path, "x: {models: [a], steps: 3}\n", cells)
+    monkeypatch.setenv("PYTHONPATH", str(paths.Path(reproduce.__file__).parents[1]))  # the kernel imports this perplib
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main(["--profile", "p", "--threads", "0"])
+    assert exit_.value.code == 2 and "argument --threads: '0' is not a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "build").exists()
+    assert reproduce.main(["--profile", "p", "--threads", "1", "--no-flush-denormals"]) == 0
+    assert "one at a time with 1 torch thread(s), denormals kept" in capsys.readouterr().out
+    log = (tmp_path / "build" / "p" / "x.log").read_text()
+    assert "settings {'torch_threads': 1, 'flush_denormals': False} 1" in log
+    assert reproduce.main(["--profile", "p"]) == 0  # default: every usable CPU, denormals flushed
+    log = (tmp_path / "build" / "p" / "x.log").read_text()
+    from perplib import runtime
+
+    n = runtime.usable_cpus()
+    assert f"settings {{'torch_threads': {n}, 'flush_denormals': True}} {n}" in log

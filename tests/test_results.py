@@ -68,3 +68,23 @@ def test_tables_are_built_from_records(tmp_path):
     assert "sparsity |   perplexity" in written["md"].read_text()
     with pytest.raises(ValueError, match="no rows"):
         save_table(table.iloc[:0], "empty", "unit")
+
+
+def test_a_computed_record_runs_under_and_carries_the_runtime_settings(tmp_path, monkeypatch):
+    import torch
+
+    from perplib import runtime
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "_state", {"flush_denormals": False, "configured": False})
+    monkeypatch.setenv(runtime.THREADS_ENV, "1")
+    monkeypatch.delenv(runtime.FLUSH_ENV, raising=False)
+    store = ResultStore(tmp_path)
+    seen = []
+    try:
+        record = store.run("llm", {"a": 3}, lambda: seen.append(runtime.settings()) or {"metrics": {}})
+    finally:
+        runtime.configure(threads=threads, flush_denormals=False)
+    # the defaults were applied before computing (flushing on, PERPLIB_THREADS), and recorded outside the key
+    assert seen == [{"torch_threads": 1, "flush_denormals": True}] == [record["env"]["runtime"]]
+    assert record["key"] == config_key({"a": 3}) and "runtime" not in record["config"]

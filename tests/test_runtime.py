@@ -29,3 +29,35 @@ def test_flushing_reaches_every_pool_thread(restore):
 def test_bad_thread_count_is_refused(bad, restore):
     with pytest.raises(ValueError, match="threads="):
         runtime.configure(threads=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_count_denormals_reads_the_bits(dtype, restore):
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([0.0, -0.0, tiny, -tiny, 1.0, float("inf"), float("nan")], dtype=dtype)
+    sub = torch.tensor([tiny / 2, -tiny / 4], dtype=torch.float64).to(dtype)  # converted without flushing
+    assert runtime.count_denormals(x) == 0
+    assert runtime.count_denormals(torch.cat([x, sub])) == 2
+    runtime.configure(flush_denormals=True)  # flushing makes a comparison see zeros; the bits still count
+    assert runtime.count_denormals(torch.cat([x, sub])) == 2
+    assert runtime.count_denormals(torch.tensor([1e-300], dtype=torch.float64)) == 0
+
+
+def test_defaults_come_from_the_environment(monkeypatch, restore):
+    monkeypatch.delenv(runtime.FLUSH_ENV, raising=False)
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    assert runtime.apply(threads=1) == {"torch_threads": 1, "flush_denormals": True}  # flushing is the default
+    monkeypatch.setenv(runtime.FLUSH_ENV, "0")
+    monkeypatch.setenv(runtime.THREADS_ENV, "2")
+    assert runtime.apply() == {"torch_threads": 2, "flush_denormals": False}
+    assert runtime.apply(threads=1, flush_denormals=True) == {"torch_threads": 1, "flush_denormals": True}
+    monkeypatch.setattr(runtime, "_state", {"flush_denormals": False, "configured": False})
+    assert runtime.ensure() == {"torch_threads": 2, "flush_denormals": False}  # first heavy run: the defaults
+    runtime.configure(threads=1, flush_denormals=True)
+    assert runtime.ensure() == {"torch_threads": 1, "flush_denormals": True}  # the process's own choice stays
+    monkeypatch.setenv(runtime.FLUSH_ENV, "maybe")
+    with pytest.raises(ValueError, match="PERPLIB_FLUSH_DENORMALS='maybe'"):
+        runtime.env_flush()
+    monkeypatch.setenv(runtime.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="PERPLIB_THREADS='0': the thread count must be a positive integer"):
+        runtime.env_threads()

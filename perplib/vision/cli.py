@@ -80,6 +80,10 @@ def add_vision_args(parser: argparse.ArgumentParser) -> None:
             group.add_argument(option, **kwargs)
     if "--force" not in have:
         group.add_argument("--force", action="store_true", help="recompute even if a finished record exists")
+    if "--threads" not in have:
+        from ..runtime import add_arguments
+
+        add_arguments(group)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from ..runtime import from_args
+
+        from_args(args)
         run_from_args(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"perp run: error: {e}", file=sys.stderr)

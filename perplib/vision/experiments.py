@@ -445,6 +445,9 @@ def models_for_features(
     config: VisionConfig, store: ResultStore | None = None, *, device: str = "cpu"
 ) -> dict[str, nn.Module]:
     """Dense, pruned and retrained models of one configuration (for Figure 1; not stored)."""
+    from ..runtime import ensure
+
+    ensure()  # the CPU settings of every heavy run (stored runs get them from ResultStore.run)
     return _execute(config, store or ResultStore(), device, None, keep_models=True)[1]
 
 
