@@ -22,7 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULTS.model,
                    help="embedded alias (smollm2-135m; tiny-llama/tiny-opt/tiny-neox are random test models), a local "
-                        "model folder, or a Hugging Face causal-LM id (e.g. facebook/opt-2.7b)")  # fmt: skip
+                        "model folder, a local .gguf file (converted once into the cache), or a Hugging Face "
+                        "causal-LM id (e.g. facebook/opt-2.7b)")  # fmt: skip
     g.add_argument("--dtype", default=DEFAULTS.dtype, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
 

