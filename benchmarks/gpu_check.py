@@ -15,7 +15,8 @@ Steps, each timed and marked PASS / FAIL / SKIP, all recorded in ``<out>/gpu_che
    gradient checkpointing; no pruned weight revived, finite loss and perplexity;
 6. ``benchmarks/plan_vs_measured.py`` on the GPU (``perp plan``'s estimate against
    ``torch.cuda.max_memory_allocated``), ``benchmarks/retrain_speed.py`` and
-   ``benchmarks/prune_speed.py`` at small sizes;
+   ``benchmarks/prune_speed.py`` at small sizes, and once more feeding one calibration sequence at a
+   time (as the reference code does): perplib's batched Wanda and SparseGPT against that, as a factor;
 7. ``benchmarks/semi_structured.py``: a 2:4 linear through ``torch.sparse.to_sparse_semi_structured``
    against the dense one, where the GPU supports it.
 """
@@ -193,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         plan_args = ["--seqlen", "64", "--batch", "1", "--methods", "perp-masked", "--checkpointing", "on"]
         speed_args = ["--seqlen", "64", "--steps", "1", "--warmup-steps", "0", "--methods", "full,perp-plain",
                       "--checkpointing", "on"]  # fmt: skip
-        prune_args = ["--nsamples", "4", "--seqlen", "64", "--methods", "magnitude,wanda", "--sparsity", "0.5"]
+        prune_size, batched = ["--nsamples", "4", "--seqlen", "64"], 4
+        prune_args = [*prune_size, "--methods", "magnitude,wanda", "--sparsity", "0.5"]
     else:
         plan_args = ["--seqlen", "512", "--batch", "2", "--threads", "8"]
         speed_args = ["--seqlen", "512", "--batch", "2", "--steps", "3", "--warmup-steps", "1"]
-        prune_args = ["--nsamples", "32", "--seqlen", "512", "--sparsity", "0.5,2:4"]
+        prune_size, batched = ["--nsamples", "32", "--seqlen", "512"], 8
+        prune_args = [*prune_size, "--sparsity", "0.5,2:4"]
 
     def plan_vs_measured() -> dict:
         found = script([str(HERE / "plan_vs_measured.py"), *common, *plan_args], out, "plan_vs_measured", 240)
@@ -213,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         "retrain_speed.py", script, [str(HERE / "retrain_speed.py"), *common, *speed_args], out, "retrain_speed", 180
     )
     check.step("prune_speed.py", script, [str(HERE / "prune_speed.py"), *common, *prune_args], out, "prune_speed", 120)
+
+    def batched_vs_one() -> dict:
+        """Wanda and SparseGPT batched (``--batch-size``) against one sequence at a time."""
+        one_args = [*prune_size, "--methods", "wanda,sparsegpt", "--sparsity", "0.5"]
+        times = {}
+        for batch in (1, batched):
+            found = script([str(HERE / "prune_speed.py"), *common, *one_args, "--batch-size", str(batch)], out,
+                           f"prune_speed_batch{batch}", 120)  # fmt: skip
+            rows = json.loads(Path(found["json"]).read_text())["rows"]
+            times[batch] = {r["method"]: r["seconds"] for r in rows if r["method"] != "forward"}
+        factor = {m: round(times[1][m] / times[batched][m], 2) for m in times[1]}
+        return {"seconds_one_at_a_time": times[1], f"seconds_batch_{batched}": times[batched],
+                "one_at_a_time/batched": factor}  # fmt: skip
+
+    check.step("prune speed: batched vs one sequence at a time", batched_vs_one)
 
     def semi_structured() -> dict:
         sys.path.insert(0, str(HERE))

@@ -150,16 +150,22 @@ def sparsegpt_prune(
     if not sp.is_nm and sp.ratio == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool)
 
-    # many small ops (a column loop, a small Cholesky): single-threaded on the CPU, see few_threads
-    small = W.device.type == "cpu" and rows * blocksize <= _SMALL_OP and cols * cols <= 4 * _SMALL_OP
+    # The inverse Hessian of a wide input (a 1536-wide Cholesky: ~1e9 flops) on every thread; many
+    # small ops (the column loop, a small Cholesky) single-threaded on the CPU, see few_threads.
+    cpu = W.device.type == "cpu"
+    with few_threads(0 if cpu and cols < _WIDE_INPUT else _SMALL_OP + 1):
+        Hinv, dead = sparsegpt_inverse_hessian(H.to(W.device), percdamp)
+    small = cpu and rows * blocksize <= _SMALL_OP and cols * cols <= 4 * _SMALL_OP
     with few_threads(0 if small else _SMALL_OP + 1):
-        return _sparsegpt_solve(W, H, sp, blocksize, percdamp, per_row)
+        return _sparsegpt_solve(W, Hinv, dead, sp, blocksize, per_row)
 
 
-def _sparsegpt_solve(W, H, sp: Sparsity, blocksize: int, percdamp: float, per_row: bool):
-    """The solve of :func:`sparsegpt_prune` on validated arguments."""
+_WIDE_INPUT = 1024  # from this input width on, SparseGPT's inverse Hessian uses every CPU thread
+
+
+def _sparsegpt_solve(W, Hinv, dead, sp: Sparsity, blocksize: int, per_row: bool):
+    """The solve of :func:`sparsegpt_prune` on validated arguments and the factor of ``H^-1``."""
     rows, cols = W.shape
-    Hinv, dead = sparsegpt_inverse_hessian(H.to(W.device), percdamp)
     # Work on W^T so that column j of W is the contiguous row Wt[j]: the per-column updates below
     # then touch contiguous memory.
     Wt = W.to(torch.float32).t().contiguous()
