@@ -237,6 +237,30 @@ def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.
     return _PlainLoraLinearFn.apply(x, weight, bias, lora_a, lora_b, scaling)
 
 
+def _fused_plain_forward(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """:func:`plain_lora_linear` for a peft layer in training form (one active adapter, no dropout,
+    autocast, variant or mixed dtypes); ``None`` where peft's own forward must run."""
+    if layer.disable_adapters or layer.merged or args or kwargs:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+        return None
+    adapter = active[0]
+    dropout = layer.lora_dropout[adapter]
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    base = layer.get_base_layer()
+    weight, bias = base.weight, base.bias
+    if (
+        (isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training)
+        or torch.is_autocast_enabled(x.device.type)
+        or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype)
+        or (bias is not None and bias.dtype != x.dtype)
+    ):
+        return None
+    weight = weight.t() if layer.fan_in_fan_out else weight
+    return plain_lora_linear(x, weight, bias, lora_a, lora_b, layer.scaling[adapter])
+
+
 class PlainLoraLinear(PeftLoraLinear):
     """peft's LoRA linear layer with :func:`plain_lora_linear` as its training forward.
 
@@ -252,25 +276,8 @@ class PlainLoraLinear(PeftLoraLinear):
             self.fan_in_fan_out = True
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters or self.merged or args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        active = self.active_adapters
-        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
-            return super().forward(x, *args, **kwargs)
-        adapter = active[0]
-        dropout = self.lora_dropout[adapter]
-        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if (
-            (isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training)
-            or torch.is_autocast_enabled(x.device.type)
-            or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype)
-            or (bias is not None and bias.dtype != x.dtype)
-        ):
-            return super().forward(x, *args, **kwargs)
-        weight = weight.t() if self.fan_in_fan_out else weight
-        return plain_lora_linear(x, weight, bias, lora_a, lora_b, self.scaling[adapter])
+        out = _fused_plain_forward(self, x, args, kwargs)
+        return super().forward(x, *args, **kwargs) if out is None else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ class MaskedLoraLinear(PeftLoraLinear):
 
     The mask ``M = 1[W ≠ 0]`` is taken once, when the layer is attached (``set_mask_``), and kept as
     a non-persistent boolean buffer. A layer without zeros (a dense head) gets no mask and runs
-    peft's own cheaper forward; its merge is then an ordinary dense LoRA merge.
+    plain LoRA's cheaper fused forward; its merge is then an ordinary dense LoRA merge.
     """
 
     lora_mask: torch.Tensor | None
@@ -311,7 +318,10 @@ class MaskedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mask = getattr(self, "lora_mask", None)
-        if mask is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        if mask is None:  # a dense layer (the head): plain LoRA's fused node
+            out = _fused_plain_forward(self, x, args, kwargs)
+            return super().forward(x, *args, **kwargs) if out is None else out
+        if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:

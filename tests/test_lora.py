@@ -300,7 +300,7 @@ def test_save_plain_writes_sparse_base_and_peft_adapter(tmp_path):
 # --- plain LoRA's fused node against peft's own layer -----------------------------------------
 
 
-def _peft_pair(base: nn.Module, fan_in_fan_out: bool, rank: int = 3, alpha: float = 6.0):
+def _peft_pair(base: nn.Module, fan_in_fan_out: bool, rank: int = 3, alpha: float = 6.0, cls=None):
     """(ours, peft's) LoRA layers on copies of ``base`` with the same random A and B."""
     import copy
 
@@ -310,7 +310,7 @@ def _peft_pair(base: nn.Module, fan_in_fan_out: bool, rank: int = 3, alpha: floa
     g = torch.Generator().manual_seed(5)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out)
     kwargs = {"config": config, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0}
-    ours = lora.PlainLoraLinear(copy.deepcopy(base), "default", **kwargs)
+    ours = (cls or lora.PlainLoraLinear)(copy.deepcopy(base), "default", **kwargs)
     theirs = PeftLinear(copy.deepcopy(base), "default", **kwargs)
     for layer in (ours, theirs):
         with torch.no_grad():
@@ -320,10 +320,11 @@ def _peft_pair(base: nn.Module, fan_in_fan_out: bool, rank: int = 3, alpha: floa
     return ours, theirs
 
 
-@pytest.mark.parametrize("layer_kind", ["linear", "linear-nobias", "conv1d"])
+@pytest.mark.parametrize("layer_kind", ["linear", "linear-nobias", "conv1d", "masked-dense"])
 @pytest.mark.parametrize("base_trains", [False, True])
 def test_plain_fused_node_matches_peft_layer(layer_kind, base_trains):
-    """Output and every gradient (x, A, B, bias, and W when it trains) equal peft's lora.Linear."""
+    """Output and every gradient (x, A, B, bias, and W when it trains) equal peft's lora.Linear;
+    ``masked-dense``: a masked layer without a mask (the head) runs the same fused node."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -331,10 +332,13 @@ def test_plain_fused_node_matches_peft_layer(layer_kind, base_trains):
         base = Conv1D(6, 7)  # in 7, out 6, weight stored in x out
         nn.init.normal_(base.bias)
     else:
-        base = nn.Linear(7, 6, bias=layer_kind == "linear")
+        base = nn.Linear(7, 6, bias=layer_kind != "linear-nobias")
     with torch.no_grad():
         base.weight.mul_(torch.rand(base.weight.shape) > 0.5)  # pruned
-    ours, theirs = _peft_pair(base, fan_in_fan_out=layer_kind == "conv1d")
+    cls = lora.MaskedLoraLinear if layer_kind == "masked-dense" else None
+    ours, theirs = _peft_pair(base, fan_in_fan_out=layer_kind == "conv1d", cls=cls)
+    if cls is not None:
+        ours.set_mask_(dense=True)
     x0 = torch.randn(2, 5, 7)
     upstream = torch.randn(2, 5, 6)
     results = []
