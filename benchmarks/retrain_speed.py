@@ -1,22 +1,31 @@
-"""Training throughput and peak memory of the retraining methods (Section 3.2's throughput comparison).
+"""Training throughput and peak memory of the retraining methods, next to a plain transformers + peft loop.
 
-    python benchmarks/retrain_speed.py                           # SmolLM2-135M, batch 1 x 256, fp32
-    python benchmarks/retrain_speed.py --model tiny-llama --steps 3   # a quick run
+    python benchmarks/retrain_speed.py                                  # SmolLM2-135M, 1 x 256, fp32
+    python benchmarks/retrain_speed.py --methods perp-plain --checkpointing off --steps 3   # quick
 
-For full retraining (Full IMP, mask enforced), PERP with plain LoRA, PERP with masked LoRA and
-norms only, each with and without gradient checkpointing, the script magnitude-prunes the model to
-50%, sets the method up with ``perplib.retrain.mark_trainable_``, runs ``perplib.retrain.train_``
-and prints training tokens/s (of the fastest step after ``--warmup-steps`` unmeasured ones: other
-processes on a shared machine only ever add time) and peak memory, with
-ratios to full retraining in the same checkpointing setting, and masked LoRA's step time over plain
-LoRA's. Every measurement runs in a fresh process so one method's memory cannot hide another's.
-Peak memory: process RSS sampled every 2 ms during training on the CPU (absolute, as a plain
-HF + peft measurement reports it, after returning freed heap to the OS, and above the RSS right
-before training),
-``torch.cuda.max_memory_allocated`` on a GPU.
+perplib's methods (``mark_trainable_`` then ``train_``, on the magnitude-pruned model):
 
-Targets (issue 4): plain-LoRA PERP >= 1.8x full tokens/s and <= 0.5x full's peak memory with
-checkpointing on both; masked LoRA's step time <= 1.5x plain LoRA's.
+- ``full``: Full IMP, every parameter trains, the pruning mask enforced at every step;
+- ``perp-plain`` / ``perp-masked``: perplib's PERP (biases, norms, LoRA on the head and on every
+  prunable linear), plain or masked LoRA;
+- ``lora-norms``: plain LoRA on every prunable linear and the norms, i.e. the hf-lora trainable set;
+- ``norms``: the norms only.
+
+What a user would write without perplib (model from transformers, the same pruned weights, torch's
+``AdamW`` with its defaults, a plain ``loss.backward(); opt.step(); opt.zero_grad()`` loop):
+``hf-full``, ``hf-lora`` (peft's ``LoraConfig`` r 16, alpha 32 on q/k/v/o/gate/up/down plus the norm
+weights), ``hf-norms``.
+
+Every method runs in a fresh process (one method's memory cannot hide another's) on the same
+batches (``--batch`` x ``--seqlen`` tokens), with the same thread count and denormal setting
+(``perplib.runtime.configure``). Step times: ``--warmup-steps`` unmeasured, then ``--steps``
+timed; the table gives the median and the fastest step. Peak memory: the process's peak RSS
+(kernel high-water mark reset right before training; no sampling thread), absolute and above the
+RSS at the start of training; ``torch.cuda.max_memory_allocated`` on a GPU. The load average is
+recorded before and after each measurement.
+
+Targets (issue 12, median steps): perp-plain >= 1.4x full's tokens/s and >= 1.15x hf-lora's;
+perp-masked's step <= 1.25x perp-plain's; perp-plain's peak memory with checkpointing <= 0.5x full's.
 """
 
 from __future__ import annotations
@@ -24,19 +33,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
-from perplib.profiling import PeakMemory
-
-METHODS = {  # name -> (parameter groups, LoRA kind)
+PERP_METHODS = {  # name -> (parameter groups, LoRA kind)
     "full": (("full",), None),
     "perp-plain": (("biases", "norms", "head", "lora"), "plain"),
     "perp-masked": (("biases", "norms", "head", "lora"), "masked"),
+    "lora-norms": (("norms", "lora"), "plain"),
     "norms": (("norms",), None),
 }
+HF_METHODS = ("hf-full", "hf-lora", "hf-norms")
+METHODS = (*PERP_METHODS, *HF_METHODS)
+HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def release_freed_memory() -> None:
@@ -51,45 +65,177 @@ def release_freed_memory() -> None:
         pass
 
 
-def measure(job: dict) -> dict:
-    """One method in this process: prune, set up, train, time."""
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+class HighWater:
+    """Peak memory of a ``with`` block: the kernel's RSS high-water mark (reset on entry through
+    ``/proc/self/clear_refs``), or the CUDA allocator's peak. Falls back to perplib's sampling
+    ``PeakMemory`` where the high-water mark cannot be reset."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.peak, self.how = device, 0, 0, ""
+
+    def __enter__(self) -> HighWater:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start, self.how = torch.cuda.memory_allocated(self.device), "cuda max_memory_allocated"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.start, self.how = _status_kb("VmRSS") * 1024, "VmHWM"
+        except OSError:
+            from perplib.profiling import PeakMemory
+
+            self._sampler = PeakMemory(self.device, interval=0.002).__enter__()
+            self.start, self.how = self._sampler.start, "RSS sampled every 2 ms"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif hasattr(self, "_sampler"):
+            self._sampler.__exit__(*exc)
+            self.peak = self._sampler.peak
+        else:
+            self.peak = _status_kb("VmHWM") * 1024
+
+
+def _windows(vocab: int, job: dict) -> torch.Tensor:
+    n = (job["warmup_steps"] + job["steps"]) * job["batch"]
+    return torch.randint(0, vocab, (n, job["seqlen"]), generator=torch.Generator().manual_seed(0))
+
+
+def _load(job: dict, plain_transformers: bool):
+    """The model as loaded for ``job``: through transformers itself for the hf-* loops (the embedded
+    checkpoint's folder), through ``perplib.models.load_model`` otherwise."""
+    from perplib.models import EMBEDDED, embedded_checkpoint, load_model
+
+    if plain_transformers and not job["model"].startswith("tiny-"):
+        from transformers import AutoModelForCausalLM
+
+        source = embedded_checkpoint() if job["model"] == EMBEDDED else job["model"]
+        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, job["dtype"]))
+    return load_model(job["model"], dtype=job["dtype"])[0]
+
+
+@torch.no_grad()
+def _magnitude_prune_(model: torch.nn.Module, sparsity: float) -> None:
+    """Per-layer unstructured magnitude pruning of every linear in the decoder blocks, in plain torch
+    (what a user would do before the hf-* loops; perplib's methods use ``perplib.pruning.prune_``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            w = module.weight
+            k = int(sparsity * w.numel())
+            if k:
+                threshold = w.abs().flatten().kthvalue(k).values
+                w.mul_(w.abs() > threshold)
+
+
+def _hf_steps(job: dict, device: torch.device) -> tuple[list[float], int, int, HighWater]:
+    """The loop a user writes with transformers + peft + torch, timed step by step."""
+    model = _load(job, plain_transformers=True)
+    _magnitude_prune_(model, float(job["sparsity"]))
+    model.to(device)
+    torch.manual_seed(0)
+    if job["method"] == "hf-lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=job["rank"], lora_alpha=2 * job["rank"], lora_dropout=0.0,
+                            target_modules=HF_LORA_TARGETS, task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, config)
+    for name, p in model.named_parameters():
+        if job["method"] == "hf-full":
+            p.requires_grad_(True)
+        elif "norm" in name:
+            p.requires_grad_(True)
+        elif job["method"] == "hf-norms":
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if job["checkpointing"]:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vocab = model.get_input_embeddings().weight.shape[0]
+    windows = _windows(vocab, job)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))
+    batches = windows[order].view(-1, job["batch"], job["seqlen"])  # train_'s order for seed 0
+    model.train()
+    times = []
+    release_freed_memory()
+    with HighWater(device) as mem:
+        for ids in batches:
+            t0 = time.perf_counter()
+            ids = ids.to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return times, sum(p.numel() for p in params), total, mem
+
+
+def _perplib_steps(job: dict, device: torch.device) -> tuple[list[float], int, int, HighWater]:
     from perplib.lora import LoraSpec
-    from perplib.models import load_model
     from perplib.pruning import prune_
     from perplib.retrain import TrainSettings, mark_trainable_, train_
 
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    device = torch.device(job["device"])
-    model, _ = load_model(job["model"], dtype=job["dtype"])
+    model = _load(job, plain_transformers=False)
     prune_(model, "magnitude", job["sparsity"])
     model.to(device)
-    groups, kind = METHODS[job["method"]]
+    groups, kind = PERP_METHODS[job["method"]]
     torch.manual_seed(0)
     marked = mark_trainable_(
         model, groups, lora=LoraSpec(kind=kind or "masked", rank=job["rank"], alpha=2.0 * job["rank"])
     )
-    steps = job["warmup_steps"] + job["steps"]
-    vocab = model.get_input_embeddings().weight.shape[0]
-    windows = torch.randint(0, vocab, (steps * job["batch"], job["seqlen"]), generator=torch.Generator().manual_seed(0))
+    windows = _windows(model.get_input_embeddings().weight.shape[0], job)
     settings = TrainSettings(
-        steps=steps, lr=1e-5, batch_size=job["batch"], grad_accum=1, warmup=0.0,
+        steps=windows.shape[0] // job["batch"], lr=1e-5, batch_size=job["batch"], grad_accum=1, warmup=0.0,
         grad_checkpointing=job["checkpointing"],
     )  # fmt: skip
     release_freed_memory()  # loading and pruning leave freed heap in the RSS; measure from a clean start
-    with PeakMemory(device, interval=0.002) as mem:
+    with HighWater(device) as mem:
         result = train_(model, windows, settings, masks=marked.masks, progress=False)
-    timed = result["history"][job["warmup_steps"] :]
-    step_s = sorted(job["batch"] * job["seqlen"] / h["tokens_per_s"] for h in timed)
+    tokens = job["batch"] * job["seqlen"]
+    return [tokens / h["tokens_per_s"] for h in result["history"]], marked.trainable, marked.total, mem
+
+
+def measure(job: dict) -> dict:
+    """One method in this process: set up, train, time."""
+    from perplib import runtime
+
+    settings = runtime.configure(threads=job["threads"], flush_denormals=job["flush_denormals"])
+    device = torch.device(job["device"])
+    load_before = os.getloadavg()
+    run = _hf_steps if job["method"] in HF_METHODS else _perplib_steps
+    times, trainable, total, mem = run(job, device)
+    timed = times[job["warmup_steps"] :]
+    tokens = job["batch"] * job["seqlen"]
+    median = statistics.median(timed)
     return {
         **job,
-        "trainable_share": marked.share,
-        "step_s": step_s[0],  # other processes on the machine only ever add time: the fastest step is the cost
-        "step_s_all": step_s,
-        "tokens_per_s": job["batch"] * job["seqlen"] / step_s[0],
+        **settings,
+        "trainable": trainable,
+        "trainable_share": trainable / total,
+        "step_s_all": times,
+        "step_s_median": median,
+        "step_s_min": min(timed),
+        "tokens_per_s_median": tokens / median,
+        "tokens_per_s_max": tokens / min(timed),
         "peak_bytes": mem.peak,
         "peak_above_start_bytes": mem.peak - mem.start,
-        "torch_threads": torch.get_num_threads(),
+        "peak_how": mem.how,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
     }
 
 
@@ -102,20 +248,69 @@ def run_child(job: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _find(rows: list[dict], method: str, ckpt: bool) -> dict | None:
+    return next((r for r in rows if r["method"] == method and r["checkpointing"] == ckpt), None)
+
+
+def _ratio(rows, num: str, den: str, ckpt: bool, key: str) -> float | None:
+    a, b = _find(rows, num, ckpt), _find(rows, den, ckpt)
+    return a[key] / b[key] if a and b else None
+
+
+def report(rows: list[dict]) -> list[str]:
+    """The table and the target lines."""
+    lines = [
+        f"{'method':12s} {'ckpt':4s} {'trainable':>10s} {'tok/s med':>9s} {'tok/s max':>9s} {'step med':>8s} "
+        f"{'step min':>8s} {'x full':>6s} {'x hf-lora':>9s} {'peak GB':>7s} {'x full':>6s} {'+train GB':>9s}"
+    ]
+    for r in rows:
+        ckpt = r["checkpointing"]
+        speed = _ratio(rows, r["method"], "full", ckpt, "tokens_per_s_median")
+        vs_hf = _ratio(rows, r["method"], "hf-lora", ckpt, "tokens_per_s_median")
+        memory = _ratio(rows, r["method"], "full", ckpt, "peak_bytes")
+        lines.append(
+            f"{r['method']:12s} {'on' if ckpt else 'off':4s} {100 * r['trainable_share']:9.3f}% "
+            f"{r['tokens_per_s_median']:9.1f} {r['tokens_per_s_max']:9.1f} {r['step_s_median']:8.3f} "
+            f"{r['step_s_min']:8.3f} {'-' if speed is None else f'{speed:.2f}':>6s} "
+            f"{'-' if vs_hf is None else f'{vs_hf:.2f}':>9s} {r['peak_bytes'] / 1e9:7.2f} "
+            f"{'-' if memory is None else f'{memory:.2f}':>6s} {r['peak_above_start_bytes'] / 1e9:9.2f}"
+        )
+    checks = [
+        ("perp-plain / full tokens/s", "perp-plain", "full", "tokens_per_s_median", ">=", 1.4, (False, True)),
+        ("perp-plain / hf-lora tokens/s", "perp-plain", "hf-lora", "tokens_per_s_median", ">=", 1.15, (False, True)),
+        ("lora-norms / hf-lora tokens/s (same trainable set)", "lora-norms", "hf-lora", "tokens_per_s_median",
+         ">=", 1.15, (False, True)),
+        ("perp-masked / perp-plain step time", "perp-masked", "perp-plain", "step_s_median", "<=", 1.25,
+         (False, True)),
+        ("perp-plain / full peak memory", "perp-plain", "full", "peak_bytes", "<=", 0.5, (True,)),
+    ]  # fmt: skip
+    lines.append("")
+    for label, num, den, key, op, target, ckpts in checks:
+        for ckpt in ckpts:
+            value = _ratio(rows, num, den, ckpt, key)
+            if value is None:
+                continue
+            met = value >= target if op == ">=" else value <= target
+            lines.append(f"{label} (checkpointing {'on' if ckpt else 'off'}): {value:.2f} "
+                         f"(target {op} {target}: {'met' if met else 'NOT met'})")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), tiny-llama, an HF id ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per method")
     parser.add_argument("--warmup-steps", type=int, default=2, help="unmeasured steps first (allocator, caches)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--sparsity", default="0.5", help="magnitude pruning before retraining")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per measurement (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
+    parser.add_argument("--no-flush-denormals", action="store_true", help="keep denormal floats (default: flush)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,39 +324,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {bad}; choose from {list(METHODS)}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"off": False, "on": True}
+    ckpts = args.checkpointing.split(",")
+    if any(c not in settings for c in ckpts):
+        parser.error(f"--checkpointing takes off, on or off,on; got {args.checkpointing!r}")
     rows = []
-    print(f"{args.model} {args.dtype} on {device} ({os.cpu_count()} CPUs), batch {args.batch} x {args.seqlen} tokens, "
-          f"{args.steps} measured steps after {args.warmup_steps}", flush=True)  # fmt: skip
-    for ckpt in args.checkpointing.split(","):
-        if ckpt not in settings:
-            parser.error(f"--checkpointing takes off, on or off,on; got {ckpt!r}")
+    print(f"{args.model} {args.dtype} on {device} ({os.cpu_count()} CPUs), batch {args.batch} x {args.seqlen} "
+          f"tokens, {args.steps} timed steps after {args.warmup_steps}; load average {os.getloadavg()}",
+          flush=True)  # fmt: skip
+    for ckpt in ckpts:
         for method in methods:
             job = {
                 "model": args.model, "dtype": args.dtype, "device": device, "seqlen": args.seqlen,
                 "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps, "rank": args.rank,
-                "sparsity": args.sparsity, "method": method, "checkpointing": settings[ckpt], "threads": args.threads,
+                "sparsity": args.sparsity, "method": method, "checkpointing": settings[ckpt],
+                "threads": args.threads, "flush_denormals": not args.no_flush_denormals,
             }  # fmt: skip
             row = run_child(job)
             rows.append(row)
-            print(f"  measured {method:12s} checkpointing {ckpt}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
-
-    print(f"\n{'method':12s} {'ckpt':4s} {'trainable':>9s} {'tokens/s':>9s} {'x full':>7s} {'step s':>7s} "
-          f"{'peak GB':>8s} {'x full':>7s} {'+train GB':>9s}")  # fmt: skip
-    for row in rows:
-        full = next((r for r in rows if r["method"] == "full" and r["checkpointing"] == row["checkpointing"]), None)
-        speed = f"{row['tokens_per_s'] / full['tokens_per_s']:.2f}" if full else "-"
-        memory = f"{row['peak_bytes'] / full['peak_bytes']:.2f}" if full else "-"
-        print(
-            f"{row['method']:12s} {'on' if row['checkpointing'] else 'off':4s} {100 * row['trainable_share']:8.3f}% "
-            f"{row['tokens_per_s']:9.1f} {speed:>7s} {row['step_s']:7.3f} {row['peak_bytes'] / 1e9:8.2f} "
-            f"{memory:>7s} {row['peak_above_start_bytes'] / 1e9:9.2f}"
-        )
-    for ckpt in (False, True):
-        plain = next((r for r in rows if r["method"] == "perp-plain" and r["checkpointing"] == ckpt), None)
-        masked = next((r for r in rows if r["method"] == "perp-masked" and r["checkpointing"] == ckpt), None)
-        if plain and masked:
-            print(f"masked / plain LoRA step time (checkpointing {'on' if ckpt else 'off'}): "
-                  f"{masked['step_s'] / plain['step_s']:.2f} (target <= 1.5)")  # fmt: skip
+            print(f"  {method:12s} checkpointing {ckpt}: median {row['tokens_per_s_median']:.1f} tokens/s, "
+                  f"steps {[round(t, 3) for t in row['step_s_all']]}, load {row['loadavg_before'][0]:.2f} -> "
+                  f"{row['loadavg_after'][0]:.2f}", flush=True)  # fmt: skip
+    first = rows[0]
+    print(f"\ntorch threads {first['torch_threads']}, denormals flushed: {first['flush_denormals']}, "
+          f"peak memory: {first['peak_how']}; load average at the end {os.getloadavg()}")  # fmt: skip
+    print("\n".join(report(rows)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

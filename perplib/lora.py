@@ -4,10 +4,13 @@ A frozen, pruned weight ``W`` (out x in) is used as ``W + s·B·A`` with ``A`` (
 and ``s = alpha / r``. Two kinds, both built on Hugging Face peft (its ``LoraConfig``, its injection,
 its ``lora.Linear`` layer that keeps ``base_layer``, its adapter file format):
 
-- ``plain``: peft's LoRA unchanged. ``W``, ``A`` and ``B`` stay separate after training, as the paper
+- ``plain``: peft's LoRA. ``W``, ``A`` and ``B`` stay separate after training, as the paper
   describes for unstructured sparsity; merging ``B·A`` would destroy the zeros, so the few extra
   parameters lower the overall sparsity slightly and that loss is accounted. The backward needs no
-  weight-gradient product for ``W``: it is the cheap kind.
+  weight-gradient product for ``W``: it is the cheap kind. Its layer (``PlainLoraLinear``) is peft's
+  ``lora.Linear`` (same parameters, state dict, merge) whose training forward is one autograd node:
+  the update is added into the base output by one GEMM-with-add, and the backward forms only the
+  products the trainable tensors need.
 - ``masked`` (the PERP code's default): the update is ``M ⊙ (s·B·A)`` with ``M = 1[W ≠ 0]``, so
   ``merge_()`` folds it into ``W`` without losing a single zero and leaves plain sparse ``nn.Linear``
   layers with no inference overhead. The gradient of ``A`` and ``B`` needs the masked product
@@ -85,10 +88,10 @@ class LoraSpec:
             init_lora_weights=self.init == "zero",
             task_type="CAUSAL_LM",
         )
-        if self.kind == "masked":
-            from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D
 
-            config._register_custom_module({nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
+        layer = MaskedLoraLinear if self.kind == "masked" else PlainLoraLinear
+        config._register_custom_module({nn.Linear: layer, Conv1D: layer})
         return config
 
 
@@ -188,6 +191,95 @@ def masked_lora_linear(x, weight, bias, lora_a, lora_b, mask, scaling: float) ->
         return _MaskedLoraLinearFn.apply(x, weight, bias, lora_a, lora_b, mask, scaling, dtype)
 
 
+class _PlainLoraLinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ`` (peft's plain LoRA) as one node.
+
+    Forward: the base GEMM, then the update accumulated into its output in place (``addmm_``: no
+    T x out temporary for the update, no separate scale and add). Backward: ``g·B`` once (T x r), the
+    input gradient ``g·W + s·(g·B)·A`` with the same in-place accumulation, ``dB = s·gᵀ(xAᵀ)``,
+    ``dA = s·(g·B)ᵀx``, and ``gᵀx`` only if ``W`` itself trains. Saved: ``x`` and ``xAᵀ`` (T x r).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ lora_a.t()
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        gb = g2 @ lora_b if (need_x or need_a) else None
+        if need_x:
+            grad_x = (g2 @ weight).addmm_(gb, lora_a, alpha=s).view(x.shape)
+        if need_a:
+            grad_a = (gb.t() @ x2).mul_(s)
+        if need_b:
+            grad_b = (g2.t() @ xa).mul_(s)
+        if need_w:
+            grad_w = g2.t() @ x2
+        if need_bias and ctx.has_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """Functional plain-LoRA linear layer ``x Wᵀ + b + s·(x Aᵀ) Bᵀ``; all tensors of one dtype."""
+    return _PlainLoraLinearFn.apply(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def _fused_plain_forward(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """:func:`plain_lora_linear` for a peft layer in training form (one active adapter, no dropout,
+    autocast, variant or mixed dtypes); ``None`` where peft's own forward must run."""
+    if layer.disable_adapters or layer.merged or args or kwargs:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+        return None
+    adapter = active[0]
+    dropout = layer.lora_dropout[adapter]
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    base = layer.get_base_layer()
+    weight, bias = base.weight, base.bias
+    if (
+        (isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training)
+        or torch.is_autocast_enabled(x.device.type)
+        or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype)
+        or (bias is not None and bias.dtype != x.dtype)
+    ):
+        return None
+    weight = weight.t() if layer.fan_in_fan_out else weight
+    return plain_lora_linear(x, weight, bias, lora_a, lora_b, layer.scaling[adapter])
+
+
+class PlainLoraLinear(PeftLoraLinear):
+    """peft's LoRA linear layer with :func:`plain_lora_linear` as its training forward.
+
+    Parameters, state dict, ``merge``/``unmerge`` and ``get_delta_weight`` are peft's own, so a
+    saved adapter loads into an ordinary peft model. The fused forward runs for one active adapter
+    without dropout, autocast or mixed dtypes; anything else (merged, disabled, mixed batches, a bf16
+    model with fp32 adapters) takes peft's forward.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        if is_conv1d(base_layer):  # GPT-2's Conv1D stores W as in x out (peft's flag for it)
+            self.fan_in_fan_out = True
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = _fused_plain_forward(self, x, args, kwargs)
+        return super().forward(x, *args, **kwargs) if out is None else out
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer: peft's lora.Linear with a mask
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +290,7 @@ class MaskedLoraLinear(PeftLoraLinear):
 
     The mask ``M = 1[W ≠ 0]`` is taken once, when the layer is attached (``set_mask_``), and kept as
     a non-persistent boolean buffer. A layer without zeros (a dense head) gets no mask and runs
-    peft's own cheaper forward; its merge is then an ordinary dense LoRA merge.
+    plain LoRA's cheaper fused forward; its merge is then an ordinary dense LoRA merge.
     """
 
     lora_mask: torch.Tensor | None
@@ -226,7 +318,10 @@ class MaskedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mask = getattr(self, "lora_mask", None)
-        if mask is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        if mask is None:  # a dense layer (the head): plain LoRA's fused node
+            out = _fused_plain_forward(self, x, args, kwargs)
+            return super().forward(x, *args, **kwargs) if out is None else out
+        if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:

@@ -295,3 +295,100 @@ def test_save_plain_writes_sparse_base_and_peft_adapter(tmp_path):
     restored = PeftModel.from_pretrained(base, written["adapter"]).eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(IDS).logits, expected)
+
+
+# --- plain LoRA's fused node against peft's own layer -----------------------------------------
+
+
+def _peft_pair(base: nn.Module, fan_in_fan_out: bool, rank: int = 3, alpha: float = 6.0, cls=None):
+    """(ours, peft's) LoRA layers on copies of ``base`` with the same random A and B."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    g = torch.Generator().manual_seed(5)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out)
+    kwargs = {"config": config, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0}
+    ours = (cls or lora.PlainLoraLinear)(copy.deepcopy(base), "default", **kwargs)
+    theirs = PeftLinear(copy.deepcopy(base), "default", **kwargs)
+    for layer in (ours, theirs):
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.randn(layer.lora_A["default"].weight.shape, generator=g))
+            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+        g = torch.Generator().manual_seed(5)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "linear-nobias", "conv1d", "masked-dense"])
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_plain_fused_node_matches_peft_layer(layer_kind, base_trains):
+    """Output and every gradient (x, A, B, bias, and W when it trains) equal peft's lora.Linear;
+    ``masked-dense``: a masked layer without a mask (the head) runs the same fused node."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    if layer_kind == "conv1d":
+        base = Conv1D(6, 7)  # in 7, out 6, weight stored in x out
+        nn.init.normal_(base.bias)
+    else:
+        base = nn.Linear(7, 6, bias=layer_kind != "linear-nobias")
+    with torch.no_grad():
+        base.weight.mul_(torch.rand(base.weight.shape) > 0.5)  # pruned
+    cls = lora.MaskedLoraLinear if layer_kind == "masked-dense" else None
+    ours, theirs = _peft_pair(base, fan_in_fan_out=layer_kind == "conv1d", cls=cls)
+    if cls is not None:
+        ours.set_mask_(dense=True)
+    x0 = torch.randn(2, 5, 7)
+    upstream = torch.randn(2, 5, 6)
+    results = []
+    for layer in (ours, theirs):
+        for name, p in layer.named_parameters():
+            p.requires_grad_("lora_" in name or base_trains or name.endswith("bias"))
+        x = x0.clone().requires_grad_()
+        out = layer(x)
+        out.backward(upstream)
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+        results.append((out.detach(), x.grad, grads))
+    assert ours(x0).grad_fn.name().startswith("_PlainLoraLinearFn")  # the fused path ran
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-6)
+    assert results[0][2].keys() == results[1][2].keys()
+    assert ("base_layer.weight" in results[0][2]) == base_trains
+    for name in results[0][2]:
+        torch.testing.assert_close(results[0][2][name], results[1][2][name], atol=1e-6, rtol=1e-6, msg=name)
+    # merge folds the same update as peft's (plain merge fills zeros: only through merge())
+    assert torch.equal(ours.get_delta_weight("default"), theirs.get_delta_weight("default"))
+    zeros = ours.get_base_layer().weight == 0
+    ours.merge()
+    theirs.merge()
+    torch.testing.assert_close(ours.get_base_layer().weight, theirs.get_base_layer().weight, atol=0, rtol=0)
+    assert int((ours.get_base_layer().weight == 0).sum()) < int(zeros.sum())
+
+
+def test_plain_fused_training_keeps_zeros_and_state_dict_format():
+    """A plain-LoRA model trains through the fused node, its base zeros stay zero, and its state dict
+    is peft's (same keys as peft's own layers)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = pruned("llama")
+    names = targets(model)
+    zeros = {n: m.weight == 0 for n, m in adapter_for(model).prunable(model).items()}
+    torch.manual_seed(0)
+    layers = lora.add_lora_(model, lora.LoraSpec(kind="plain", rank=2, init="random"), names)
+    assert all(type(m) is lora.PlainLoraLinear for m in layers.values())
+    reference = pruned("llama")
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=32.0, target_modules=names, init_lora_weights=False), reference)
+    assert not any(type(m) is lora.PlainLoraLinear for m in reference.modules())
+    assert set(model.state_dict()) == set(reference.state_dict())
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, atol=1e-5, rtol=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, module in adapter_for(model).prunable(model).items():
+        if ".lora_" not in name:
+            assert torch.equal(module.weight == 0, zeros[name.replace(".base_layer", "")]), name
