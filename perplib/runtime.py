@@ -34,18 +34,29 @@ _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
 def _openmp_library() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime torch loaded (None on builds without one, e.g. macOS wheels)."""
+    """The GNU OpenMP runtime torch loaded (None on builds without one, e.g. macOS wheels).
+
+    Another library may bring its own copy (scikit-learn's wheel vendors ``libgomp-<hash>.so``):
+    its pool is not torch's, so torch's own copy (in torch's folder) comes first."""
     try:
         with open("/proc/self/maps") as maps:
-            found = next((line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]), None)
+            loaded = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
     except OSError:
         return None
-    if found is None:
+    if not loaded:
         return None
-    lib = ctypes.CDLL(found)
+    lib = ctypes.CDLL(torchs_openmp(loaded, os.path.dirname(os.path.realpath(torch.__file__))))
     lib.GOMP_parallel.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     lib.GOMP_parallel.restype = None
     return lib
+
+
+def torchs_openmp(loaded: list[str], torch_dir: str) -> str:
+    """Of the loaded libgomp copies, the one torch uses: the one in torch's folder, else a plain
+    ``libgomp.so*`` (a system copy), else the first."""
+    own = [path for path in loaded if os.path.realpath(path).startswith(os.path.join(torch_dir, ""))]
+    plain = [path for path in loaded if os.path.basename(path).startswith("libgomp.so")]
+    return (own or plain or loaded)[0]
 
 
 def set_flush_denormals(enabled: bool = True) -> bool:

@@ -25,6 +25,17 @@ def test_flushing_reaches_every_pool_thread(restore):
     assert _flushed(x) == 0
 
 
+def test_torchs_own_openmp_is_chosen_over_a_vendored_copy(tmp_path):
+    # scikit-learn's wheel vendors its own libgomp; where it sat lower in the address map, flushing
+    # went through its pool, not torch's, and half of a two-thread computation kept its denormals
+    torch_dir = tmp_path / "site" / "torch"
+    sklearn_copy = str(tmp_path / "site" / "scikit_learn.libs" / "libgomp-e985bcbb.so.1.0.0")
+    torch_copy = str(torch_dir / "lib" / "libgomp.so.1")
+    assert runtime.torchs_openmp([sklearn_copy, torch_copy], str(torch_dir)) == torch_copy
+    assert runtime.torchs_openmp([sklearn_copy, "/usr/lib/libgomp.so.1"], str(torch_dir)) == "/usr/lib/libgomp.so.1"
+    assert runtime.torchs_openmp([sklearn_copy], str(torch_dir)) == sklearn_copy
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_bad_thread_count_is_refused(bad, restore):
     with pytest.raises(ValueError, match="threads="):
