@@ -1,8 +1,8 @@
 """Process-wide CPU settings of a heavy run: torch's thread count and flushing of denormal floats.
 
-Both change speed, not what is computed (flushing sets values below 2^-126 to zero; see
-``benchmarks/denormals.py`` for its effect), and both are recorded with every result (the record's
-``env.runtime``, not its key):
+Both are speed settings (flushing sets values below 2^-126 to zero, see ``benchmarks/denormals.py``;
+the thread count can change the rounding of multi-threaded LAPACK calls, which SparseGPT's masks
+follow), and both are recorded with every result (the record's ``env.runtime``, not its key):
 
     >>> from perplib import runtime
     >>> runtime.configure(threads=2, flush_denormals=True)
