@@ -29,10 +29,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
+
+import fresh  # benchmarks/fresh.py: measurements in fresh processes
 
 METHODS = {  # name -> (parameter groups, LoRA kind)
     "full": (("full",), None),
@@ -141,15 +142,6 @@ def measure(job: dict) -> dict:
     }
 
 
-def run_child(job: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {job} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _share(entry: list[int] | None) -> str:
     if not entry or not entry[0]:
         return "0"
@@ -174,15 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", default="off,on", choices=["off,on", "on,off"],
                         help="which setting runs first (a repeat in the other order separates load from effect)")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    fresh.add_child_argument(parser)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+    if fresh.serve_child(args, measure):
         return 0
 
-    methods = args.methods.split(",")
-    if bad := [m for m in methods if m not in METHODS]:
-        parser.error(f"unknown methods {bad}; choose from {list(METHODS)}")
+    methods = fresh.methods_option(parser, args.methods, METHODS)
     if args.steps <= args.warmup_steps + 3:
         parser.error(f"--steps must exceed --warmup-steps + 3 (probe steps are not timed), got {args.steps}")
     probes = [int(p) for p in args.probes.split(",")] if args.probes else sorted({1, args.steps // 2, args.steps})
@@ -201,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         "probes": probes, "rank": args.rank, "sparsity": args.sparsity,
                         "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "threads": args.threads,
                     }  # fmt: skip
-                    pair[flush] = run_child(job)
+                    pair[flush] = fresh.run_child(__file__, job, str(job))
                     rows.append(pair[flush])
                 off, on = pair[False], pair[True]
                 print(f"\n{model} {method} lr {lr:g}: step median {off['median_s']:.3f} s off / {on['median_s']:.3f} s "

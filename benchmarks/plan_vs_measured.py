@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
+
+import fresh  # benchmarks/fresh.py: measurements in fresh processes
 
 METHODS = {  # name -> (retrain preset or groups, LoRA kind)
     "full": ("full", "masked"),
@@ -35,17 +36,6 @@ METHODS = {  # name -> (retrain preset or groups, LoRA kind)
     "norms": ("norms", "masked"),
 }
 _MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
-
-
-def release_freed_memory() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _weights_only(name: str, dtype: str, config) -> torch.nn.Module:
@@ -82,7 +72,7 @@ def measure(job: dict) -> dict:
     train_(warm.to(device), torch.randint(0, 100, (1, 8)), warm_settings, masks=warm_marked.masks, progress=False)
     config = model_config(job["model"])
     del warm, warm_marked
-    release_freed_memory()
+    fresh.release_freed_memory()
     base = rss_bytes()
     with PeakMemory(device, interval=0.002) as mem:
         model = _weights_only(job["model"], job["dtype"], config)
@@ -110,16 +100,6 @@ def estimate(job: dict) -> dict:
     return {"estimate_bytes": plan.total, "components": plan.components}
 
 
-def run_child(job: dict) -> dict:
-    env = {**os.environ, **_MALLOC}
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, check=False, env=env
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {job['method']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -133,15 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per measurement")
     parser.add_argument("--json", metavar="FILE", help="also write every row (configuration, estimate, measurement)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    fresh.add_child_argument(parser)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+    if fresh.serve_child(args, measure):
         return 0
-    methods = args.methods.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        parser.error(f"unknown methods {bad}; choose from {list(METHODS)}")
+    methods = fresh.methods_option(parser, args.methods, METHODS)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} but no GPU is visible")
     settings = {"off": False, "on": True}
@@ -155,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             job = {"model": args.model, "dtype": args.dtype, "device": args.device, "seqlen": args.seqlen,
                    "batch": args.batch, "grad_accum": args.grad_accum, "steps": args.steps, "method": method,
                    "checkpointing": settings[ckpt], "threads": args.threads}  # fmt: skip
-            row = {**run_child(job), **estimate(job)}
+            row = {**fresh.run_child(__file__, job, job["method"], env={**os.environ, **_MALLOC}), **estimate(job)}
             row["ratio"] = row["estimate_bytes"] / row["measured_bytes"]
             rows.append(row)
             print(f"  {method:12s} checkpointing {ckpt}: estimate {row['estimate_bytes'] / 2**20:8.0f} MiB, "

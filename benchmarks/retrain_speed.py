@@ -35,11 +35,12 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+import fresh  # benchmarks/fresh.py: measurements in fresh processes
 
 PERP_METHODS = {  # name -> (parameter groups, LoRA kind)
     "full": (("full",), None),
@@ -51,18 +52,6 @@ PERP_METHODS = {  # name -> (parameter groups, LoRA kind)
 HF_METHODS = ("hf-full", "hf-lora", "hf-norms")
 METHODS = (*PERP_METHODS, *HF_METHODS)
 HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc), so RSS reflects live memory."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _status_kb(field: str) -> int:
@@ -168,7 +157,7 @@ def _hf_steps(job: dict, device: torch.device) -> tuple[list[float], int, int, H
     batches = windows[order].view(-1, job["batch"], job["seqlen"])  # train_'s order for seed 0
     model.train()
     times = []
-    release_freed_memory()
+    fresh.release_freed_memory()
     with HighWater(device) as mem:
         for ids in batches:
             t0 = time.perf_counter()
@@ -202,7 +191,7 @@ def _perplib_steps(job: dict, device: torch.device) -> tuple[list[float], int, i
         steps=windows.shape[0] // job["batch"], lr=1e-5, batch_size=job["batch"], grad_accum=1, warmup=0.0,
         grad_checkpointing=job["checkpointing"],
     )  # fmt: skip
-    release_freed_memory()  # loading and pruning leave freed heap in the RSS; measure from a clean start
+    fresh.release_freed_memory()  # loading and pruning leave freed heap in the RSS; measure from a clean start
     with HighWater(device) as mem:
         result = train_(model, windows, settings, masks=marked.masks, progress=False)
     tokens = job["batch"] * job["seqlen"]
@@ -237,15 +226,6 @@ def measure(job: dict) -> dict:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-
-
-def run_child(job: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {job['method']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _find(rows: list[dict], method: str, ckpt: bool) -> dict | None:
@@ -312,16 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--no-flush-denormals", action="store_true", help="keep denormal floats (default: flush)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    fresh.add_child_argument(parser)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+    if fresh.serve_child(args, measure):
         return 0
 
-    methods = args.methods.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        parser.error(f"unknown methods {bad}; choose from {list(METHODS)}")
+    methods = fresh.methods_option(parser, args.methods, METHODS)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"off": False, "on": True}
     ckpts = args.checkpointing.split(",")
@@ -339,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sparsity": args.sparsity, "method": method, "checkpointing": settings[ckpt],
                 "threads": args.threads, "flush_denormals": not args.no_flush_denormals,
             }  # fmt: skip
-            row = run_child(job)
+            row = fresh.run_child(__file__, job, job["method"])
             rows.append(row)
             print(f"  {method:12s} checkpointing {ckpt}: median {row['tokens_per_s_median']:.1f} tokens/s, "
                   f"steps {[round(t, 3) for t in row['step_s_all']]}, load {row['loadavg_before'][0]:.2f} -> "
