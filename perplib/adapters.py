@@ -221,28 +221,39 @@ def _routed_forward(module: nn.Module, views: dict[str, nn.Module]):
     return types.MethodType(forward, module)
 
 
+class ReplacedForward:
+    """A module's ``forward`` replaced until :meth:`remove` (a hook-handle-like object), which gives
+    back the module's own: the class's, or an instance's own ``forward`` (e.g. accelerate's wrapper
+    of an offloaded module)."""
+
+    def __init__(self, module: nn.Module, forward) -> None:
+        self.module, self.own = module, vars(module).get("forward")
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.own is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.own
+
+
 @contextlib.contextmanager
 def routed_experts(block: nn.Module, matrices: dict[str, nn.Module]):
     """Within the block, run every fused experts module through its views in ``matrices`` (names
     relative to the block, as ``block_matrices`` gives them), so forward hooks on the views see the
     tokens routed to each expert; the modules' own forward is back afterwards (an instance's own
     ``forward``, e.g. accelerate's wrapper of an offloaded module, included)."""
-    patched: list[tuple[nn.Module, Any]] = []
-    missing = object()
+    patched: list[ReplacedForward] = []
     try:
         for name, module in experts_modules(block).items():
             views = {k.removeprefix(f"{name}."): v for k, v in matrices.items() if isinstance(v, ExpertMatrix)
                      and k.startswith(f"{name}.")}  # fmt: skip
             if views:
-                patched.append((module, vars(module).get("forward", missing)))
-                module.forward = _routed_forward(module, views)
+                patched.append(ReplacedForward(module, _routed_forward(module, views)))
         yield
     finally:
-        for module, own in patched:
-            if own is missing:
-                del module.forward
-            else:
-                module.forward = own
+        for replaced in reversed(patched):
+            replaced.remove()
 
 
 def is_norm(module: nn.Module) -> bool:

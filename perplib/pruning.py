@@ -34,7 +34,16 @@ import torch
 from torch import nn
 
 from . import offload
-from .adapters import ExpertMatrix, adapter_for, block_matrices, capture_block_inputs, matrix, routed_experts, run_block
+from .adapters import (
+    ExpertMatrix,
+    ReplacedForward,
+    adapter_for,
+    block_matrices,
+    capture_block_inputs,
+    matrix,
+    routed_experts,
+    run_block,
+)
 from .config import PRUNE_SCOPES
 from .criteria import column_norms, hessian, magnitude_scores, select, sparsegpt_prune, wanda_scores
 from .sparsity import Sparsity, count_mask
@@ -212,31 +221,25 @@ class StatsPass:
         """From now on, ``name``'s product is not computed (see the class)."""
         module = self.linears[name]
         out_features = matrix(module).shape[0]
-        own = module.__dict__.get("forward")  # e.g. accelerate's hook wraps forward per instance
 
         def zeros(x, *_args, **_kwargs):
             return x.new_zeros(*x.shape[:-1], out_features)
 
-        module.forward = zeros
-        self._handles.append(_Restore(module, own))
+        self._handles.append(ReplacedForward(module, zeros))  # removed on exit, as the hooks
         self.skipping = name
 
     def __enter__(self) -> StatsPass:
         self._handles.append(self.block.register_forward_pre_hook(self._block_starts, with_kwargs=True))
         hooked = {id(m) for m in self.linears.values()}
-        seen = {id(m) for m in self.block.modules()}
-        for name, module in self.block.named_modules():
-            if module is self.block or isinstance(module, _PASSIVE):
-                continue
+        own = {id(m) for m in self.block.modules()}
+        watched = [(n, m) for n, m in self.block.named_modules() if m is not self.block and not isinstance(m, _PASSIVE)]
+        watched += [(n, m) for n, m in self.linears.items() if id(m) not in own]  # views of fused experts
+        for name, module in watched:
             if id(module) in hooked:
                 hook = functools.partial(lambda n, _m, args: self._record(n, args[0]), name)
             else:
                 hook = functools.partial(lambda n, _m, _args: self._called(n), name)
             self._handles.append(module.register_forward_pre_hook(hook))
-        for name, module in self.linears.items():  # views that are not the block's modules (fused experts)
-            if id(module) not in seen:
-                hook = functools.partial(lambda n, _m, args: self._record(n, args[0]), name)
-                self._handles.append(module.register_forward_pre_hook(hook))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,19 +247,6 @@ class StatsPass:
             h.remove()
         self._handles.clear()
         self._seen.clear()
-
-
-class _Restore:
-    """Gives a module back its own ``forward`` (removes the one set by :meth:`StatsPass.skip`)."""
-
-    def __init__(self, module: nn.Module, own: Callable | None) -> None:
-        self.module, self.own = module, own
-
-    def remove(self) -> None:
-        if self.own is None:
-            del self.module.forward
-        else:
-            self.module.forward = self.own
 
 
 def collect_input_stats(
@@ -443,9 +433,10 @@ def prune_(
         def capture_stats(block: nn.Module) -> contextlib.AbstractContextManager:
             if method not in CALIBRATED or offload.processing_device(block, device) != device:
                 return contextlib.nullcontext()
-            if any(isinstance(m, ExpertMatrix) for m in block_matrices(block).values()):
+            matrices = block_matrices(block)
+            if any(isinstance(m, ExpertMatrix) for m in matrices.values()):
                 return contextlib.nullcontext()  # fused experts' statistics need routed_experts (_prune_block)
-            first.append(StatsPass(block, block_matrices(block), method == "sparsegpt", device))
+            first.append(StatsPass(block, matrices, method == "sparsegpt", device))
             return first[0]
 
         def visit(i: int, block: nn.Module, inputs: list, at: torch.device) -> None:
