@@ -40,6 +40,8 @@ import time
 
 import torch
 
+from perplib import runtime
+
 import fresh  # benchmarks/fresh.py: measurements in fresh processes
 
 PERP_METHODS = {  # name -> (parameter groups, LoRA kind)
@@ -200,9 +202,8 @@ def _perplib_steps(job: dict, device: torch.device) -> tuple[list[float], int, i
 
 def measure(job: dict) -> dict:
     """One method in this process: set up, train, time."""
-    from perplib import runtime
 
-    settings = runtime.configure(threads=job["threads"], flush_denormals=job["flush_denormals"])
+    settings = runtime.apply(threads=job["threads"], flush_denormals=job["flush_denormals"])
     device = torch.device(job["device"])
     load_before = os.getloadavg()
     run = _hf_steps if job["method"] in HF_METHODS else _perplib_steps
@@ -289,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", default="0.5", help="magnitude pruning before retraining")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
-    parser.add_argument("--no-flush-denormals", action="store_true", help="keep denormal floats (default: flush)")
+    runtime.add_arguments(parser)  # --threads, --no-flush-denormals: checked here, applied in every child
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     fresh.add_child_argument(parser)
     args = parser.parse_args(argv)
