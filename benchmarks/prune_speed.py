@@ -13,8 +13,9 @@ block 0's statistics; stats: the statistics passes through the dense blocks; sol
 or SparseGPT's solve; propagate: the calibration activations through the pruned blocks), the
 perplexity after pruning when ``--eval`` is given (dense first), and the peak memory: process RSS
 sampled every few ms on the CPU (absolute, and above the RSS with the model loaded),
-``torch.cuda.max_memory_allocated`` on a GPU. torch's thread count (``--threads``) and the load
-average before and after are printed and recorded.
+``torch.cuda.max_memory_allocated`` on a GPU. perplib's CPU runtime settings (``--threads``,
+``--no-flush-denormals``, ``--no-keep-freed-memory``; :mod:`perplib.runtime`) and the load average
+before and after are printed and recorded.
 Targets (issue 12, CPU): Wanda <= 2.0x, SparseGPT <= 2.3x, magnitude well under 1x (the floor of a
 calibrated method is about two forwards: statistics from the dense block, propagation through the
 pruned one).
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from perplib import data, evaluation, models
+from perplib import data, evaluation, models, runtime
 from perplib.adapters import adapter_for
 from perplib.profiling import PeakMemory
 from perplib.pruning import METHODS, prune_
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=64, help="evaluation windows of --seqlen tokens (with --eval)")
     p.add_argument("--no-dense", action="store_true", help="with --eval: skip the dense model's perplexity")
     p.add_argument("--forward-repeats", type=int, default=1, help="forward passes timed before and after (each)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    runtime.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -82,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--nsamples and --batch-size must be >= 1, --seqlen >= 2")
     if args.forward_repeats < 1:
         p.error("--forward-repeats must be >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    try:
+        settings = runtime.from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     load_before = os.getloadavg()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     model, tokenizer = models.load_model(args.model, dtype=args.dtype)
     calib = data.sample_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
-    threads = torch.get_num_threads()
+    threads = settings["torch_threads"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {threads} torch threads"
     print(
         f"model {args.model} ({args.dtype}), {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, "
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd = statistics.median(before + after)
     load_after = os.getloadavg()
     print(f"\none calibration forward pass again: {_seconds(after)}; the unit below: median {fwd:.2f} s")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; torch threads {threads}\n")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; runtime {settings}\n")
     print(f"{'method':<10} {'sparsity':>8} {'x fwd':>6} {'target':>7}  phases (x fwd)")
     for row in rows[1:]:
         row["ratio"] = row["seconds"] / fwd
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
             "device": where,
             "torch_threads": threads,
+            "runtime": settings,
             "load_average": {"before": load_before, "after": load_after},
             "rows": rows,
         }

@@ -203,7 +203,9 @@ def _perplib_steps(job: dict, device: torch.device) -> tuple[list[float], int, i
 def measure(job: dict) -> dict:
     """One method in this process: set up, train, time."""
 
-    settings = runtime.apply(threads=job["threads"], flush_denormals=job["flush_denormals"])
+    settings = runtime.apply(
+        threads=job["threads"], flush_denormals=job["flush_denormals"], keep_freed_memory=job["keep_freed_memory"]
+    )  # what is None comes from the environment
     device = torch.device(job["device"])
     load_before = os.getloadavg()
     run = _hf_steps if job["method"] in HF_METHODS else _perplib_steps
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", default="0.5", help="magnitude pruning before retraining")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
-    runtime.add_arguments(parser)  # --threads, --no-flush-denormals: checked here, applied in every child
+    runtime.add_arguments(parser)  # --threads, --no-flush-denormals, ...: checked here, applied in every child
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     fresh.add_child_argument(parser)
     args = parser.parse_args(argv)
@@ -313,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model": args.model, "dtype": args.dtype, "device": device, "seqlen": args.seqlen,
                 "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps, "rank": args.rank,
                 "sparsity": args.sparsity, "method": method, "checkpointing": settings[ckpt],
-                "threads": args.threads, "flush_denormals": not args.no_flush_denormals,
+                "threads": args.threads, "flush_denormals": False if args.no_flush_denormals else None,
+                "keep_freed_memory": False if args.no_keep_freed_memory else None,
             }  # fmt: skip
             row = fresh.run_child(__file__, job, job["method"])
             rows.append(row)
@@ -321,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps {[round(t, 3) for t in row['step_s_all']]}, load {row['loadavg_before'][0]:.2f} -> "
                   f"{row['loadavg_after'][0]:.2f}", flush=True)  # fmt: skip
     first = rows[0]
-    print(f"\ntorch threads {first['torch_threads']}, denormals flushed: {first['flush_denormals']}, "
-          f"peak memory: {first['peak_how']}; load average at the end {os.getloadavg()}")  # fmt: skip
+    print(f"\ntorch threads {first['torch_threads']}, denormals flushed: {first['flush_denormals']}, freed memory "
+          f"kept: {first['keep_freed_memory']}, peak memory: {first['peak_how']}; load average at the end "
+          f"{os.getloadavg()}")  # fmt: skip
     print("\n".join(report(rows)))
     if args.json:
         with open(args.json, "w") as f:

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads = args.threads or runtime.env_threads() or runtime.usable_cpus()
         flush = False if args.no_flush_denormals else runtime.env_flush()
+        keep = False if args.no_keep_freed_memory else runtime.env_keep()
     except ValueError as e:
         parser.error(str(e))
 
@@ -208,19 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     label = f"profile {args.profile}" + (" (dry run)" if args.dry_run else "")
     print(f"{len(books)} notebook(s), {label}, one at a time with {threads} torch thread(s), denormals "
-          f"{'flushed' if flush else 'kept'}; logs and executed notebooks in {out_dir}", flush=True)  # fmt: skip
+          f"{'flushed' if flush else 'kept'}, freed memory {'kept' if keep else 'as malloc decides'}; logs and "
+          f"executed notebooks in {out_dir}", flush=True)  # fmt: skip
 
-    with _kernel_environment(threads, flush):
+    with _kernel_environment(threads, flush, keep):
         return _run(args, plan, out_dir)
 
 
 @contextlib.contextmanager
-def _kernel_environment(threads: int, flush: bool) -> Iterator[None]:
+def _kernel_environment(threads: int, flush: bool, keep: bool) -> Iterator[None]:
     """The kernels' CPU settings, in the environment they inherit while the notebooks run
     (``perplib.runtime.ensure`` reads them at each run; torch reads ``OMP_NUM_THREADS`` at import)."""
     from . import runtime
 
-    wanted = {runtime.THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads), runtime.FLUSH_ENV: str(int(flush))}
+    wanted = {
+        runtime.THREADS_ENV: str(threads),
+        "OMP_NUM_THREADS": str(threads),
+        runtime.FLUSH_ENV: str(int(flush)),
+        runtime.KEEP_ENV: str(int(keep)),
+    }
     before = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     try:

@@ -151,13 +151,15 @@ def test_perp_records_its_threads_and_denormal_flushing(tmp_path):
     threads = torch.get_num_threads()
     out = tmp_path / "r.json"
     argv = ["eval", "--model", "tiny-llama", "--seqlen", "32", "--windows", "1", "--json", str(out),
-            "--threads", "1", "--no-flush-denormals"]  # fmt: skip
+            "--threads", "1", "--no-flush-denormals", "--no-keep-freed-memory"]  # fmt: skip
     try:
         assert cli.main(argv) == 0
-        assert json.loads(out.read_text())["env"]["runtime"] == {"torch_threads": 1, "flush_denormals": False}
-        assert cli.main([*argv[:-3], "--force"]) == 0  # not given: flushing (the default), torch's threads
+        assert json.loads(out.read_text())["env"]["runtime"] == {
+            "torch_threads": 1, "flush_denormals": False, "keep_freed_memory": False,
+        }  # fmt: skip
+        assert cli.main([*argv[:-4], "--force"]) == 0  # not given: flushing and keeping (the defaults), torch's threads
         assert json.loads(out.read_text())["env"]["runtime"] == runtime.settings()
-        assert runtime.settings()["flush_denormals"] is True
+        assert runtime.settings()["flush_denormals"] is True and runtime.settings()["keep_freed_memory"] is True
     finally:
         runtime.configure(threads=threads, flush_denormals=False)
 

@@ -123,13 +123,16 @@ def test_kernels_get_an_explicit_thread_count_and_flushing_and_a_bad_count_stops
         reproduce.main(["--profile", "p", "--threads", "0"])
     assert exit_.value.code == 2 and "argument --threads: '0' is not a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "build").exists()
-    assert reproduce.main(["--profile", "p", "--threads", "1", "--no-flush-denormals"]) == 0
-    assert "one at a time with 1 torch thread(s), denormals kept" in capsys.readouterr().out
+    assert reproduce.main(["--profile", "p", "--threads", "1", "--no-flush-denormals", "--no-keep-freed-memory"]) == 0
+    assert (
+        "one at a time with 1 torch thread(s), denormals kept, freed memory as malloc decides"
+        in capsys.readouterr().out
+    )
     log = (tmp_path / "build" / "p" / "x.log").read_text()
-    assert "settings {'torch_threads': 1, 'flush_denormals': False} 1" in log
+    assert "settings {'torch_threads': 1, 'flush_denormals': False, 'keep_freed_memory': False} 1" in log
     assert reproduce.main(["--profile", "p"]) == 0  # default: every usable CPU, denormals flushed
     log = (tmp_path / "build" / "p" / "x.log").read_text()
     from perplib import runtime
 
     n = runtime.usable_cpus()
-    assert f"settings {{'torch_threads': {n}, 'flush_denormals': True}} {n}" in log
+    assert f"settings {{'torch_threads': {n}, 'flush_denormals': True, 'keep_freed_memory': True}} {n}" in log

@@ -76,15 +76,17 @@ def test_a_computed_record_runs_under_and_carries_the_runtime_settings(tmp_path,
     from perplib import runtime
 
     threads = torch.get_num_threads()
-    monkeypatch.setattr(runtime, "_state", {"flush_denormals": False, "configured": False})
+    monkeypatch.setattr(runtime, "_state", {"flush_denormals": False, "keep_freed_memory": False, "configured": False})
     monkeypatch.setenv(runtime.THREADS_ENV, "1")
     monkeypatch.delenv(runtime.FLUSH_ENV, raising=False)
+    monkeypatch.delenv(runtime.KEEP_ENV, raising=False)
     store = ResultStore(tmp_path)
     seen = []
     try:
         record = store.run("llm", {"a": 3}, lambda: seen.append(runtime.settings()) or {"metrics": {}})
     finally:
         runtime.configure(threads=threads, flush_denormals=False)
-    # the defaults were applied before computing (flushing on, PERPLIB_THREADS), and recorded outside the key
-    assert seen == [{"torch_threads": 1, "flush_denormals": True}] == [record["env"]["runtime"]]
+    # the defaults were applied before computing (flushing on, memory kept, PERPLIB_THREADS), recorded outside the key
+    expected = {"torch_threads": 1, "flush_denormals": True, "keep_freed_memory": True}
+    assert seen == [expected] == [record["env"]["runtime"]]
     assert record["key"] == config_key({"a": 3}) and "runtime" not in record["config"]
