@@ -24,6 +24,13 @@ timed; the table gives the median and the fastest step. Peak memory: the process
 RSS at the start of training; ``torch.cuda.max_memory_allocated`` on a GPU. The load average is
 recorded before and after each measurement.
 
+A shared machine drifts by more than the differences measured (here: perp-plain alone at 170-215
+tokens/s from one run to the next). ``--rounds N`` runs the whole list of methods N times, round
+after round, each method once per round: the table then gives per method the median over rounds of
+its median step (fastest step: the fastest of all; peak memory: the median), and each target
+ratio is taken within each round, between processes that ran minutes apart, and reported as the
+median over rounds with every round's value.
+
 Targets (issue 12, median steps): perp-plain >= 1.4x full's tokens/s and >= 1.15x hf-lora's;
 perp-masked's step <= 1.25x perp-plain's; perp-plain's peak memory with checkpointing <= 0.5x full's.
 """
@@ -240,8 +247,39 @@ def _ratio(rows, num: str, den: str, ckpt: bool, key: str) -> float | None:
     return a[key] / b[key] if a and b else None
 
 
+def combine(rows: list[dict]) -> list[dict]:
+    """One row per (method, checkpointing) from the rows of every round (``round`` key): the median
+    over rounds of the median step and of the peak memory, the fastest step of all."""
+    combined = []
+    for r in rows:
+        if _find(combined, r["method"], r["checkpointing"]) is not None:
+            continue
+        same = [o for o in rows if o["method"] == r["method"] and o["checkpointing"] == r["checkpointing"]]
+        tokens = r["batch"] * r["seqlen"]
+        median = statistics.median(o["step_s_median"] for o in same)
+        fastest = min(o["step_s_min"] for o in same)
+        combined.append({
+            **r, "rounds": len(same), "step_s_median": median, "step_s_min": fastest,
+            "tokens_per_s_median": tokens / median, "tokens_per_s_max": tokens / fastest,
+            "peak_bytes": statistics.median(o["peak_bytes"] for o in same),
+            "peak_above_start_bytes": statistics.median(o["peak_above_start_bytes"] for o in same),
+        })  # fmt: skip
+    return combined
+
+
+def round_ratios(rows: list[dict], num: str, den: str, ckpt: bool, key: str) -> list[float]:
+    """``num``'s ``key`` over ``den``'s within each round that measured both."""
+    ratios = []
+    for i in sorted({r.get("round", 0) for r in rows}):
+        value = _ratio([r for r in rows if r.get("round", 0) == i], num, den, ckpt, key)
+        if value is not None:
+            ratios.append(value)
+    return ratios
+
+
 def report(rows: list[dict]) -> list[str]:
-    """The table and the target lines."""
+    """The table (rounds combined) and the target lines (the median of the rounds' ratios)."""
+    by_round, rows = rows, combine(rows)
     lines = [
         f"{'method':12s} {'ckpt':4s} {'trainable':>10s} {'tok/s med':>9s} {'tok/s max':>9s} {'step med':>8s} "
         f"{'step min':>8s} {'x full':>6s} {'x hf-lora':>9s} {'peak GB':>7s} {'x full':>6s} {'+train GB':>9s}"
@@ -270,11 +308,13 @@ def report(rows: list[dict]) -> list[str]:
     lines.append("")
     for label, num, den, key, op, target, ckpts in checks:
         for ckpt in ckpts:
-            value = _ratio(rows, num, den, ckpt, key)
-            if value is None:
+            ratios = round_ratios(by_round, num, den, ckpt, key)
+            if not ratios:
                 continue
+            value = statistics.median(ratios)
             met = value >= target if op == ">=" else value <= target
-            lines.append(f"{label} (checkpointing {'on' if ckpt else 'off'}): {value:.2f} "
+            each = f", rounds {', '.join(f'{v:.2f}' for v in ratios)}" if len(ratios) > 1 else ""
+            lines.append(f"{label} (checkpointing {'on' if ckpt else 'off'}): {value:.2f}{each} "
                          f"(target {op} {target}: {'met' if met else 'NOT met'})")  # fmt: skip
     return lines
 
@@ -292,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", default="0.5", help="magnitude pruning before retraining")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, round after round")
     runtime.add_arguments(parser)  # --threads, --no-flush-denormals, ...: checked here, applied in every child
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     fresh.add_child_argument(parser)
@@ -305,24 +346,29 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = args.checkpointing.split(",")
     if any(c not in settings for c in ckpts):
         parser.error(f"--checkpointing takes off, on or off,on; got {args.checkpointing!r}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []
     print(f"{args.model} {args.dtype} on {device} ({os.cpu_count()} CPUs), batch {args.batch} x {args.seqlen} "
           f"tokens, {args.steps} timed steps after {args.warmup_steps}; load average {os.getloadavg()}",
           flush=True)  # fmt: skip
-    for ckpt in ckpts:
-        for method in methods:
-            job = {
-                "model": args.model, "dtype": args.dtype, "device": device, "seqlen": args.seqlen,
-                "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps, "rank": args.rank,
-                "sparsity": args.sparsity, "method": method, "checkpointing": settings[ckpt],
-                "threads": args.threads, "flush_denormals": False if args.no_flush_denormals else None,
-                "keep_freed_memory": False if args.no_keep_freed_memory else None,
-            }  # fmt: skip
-            row = fresh.run_child(__file__, job, job["method"])
-            rows.append(row)
-            print(f"  {method:12s} checkpointing {ckpt}: median {row['tokens_per_s_median']:.1f} tokens/s, "
-                  f"steps {[round(t, 3) for t in row['step_s_all']]}, load {row['loadavg_before'][0]:.2f} -> "
-                  f"{row['loadavg_after'][0]:.2f}", flush=True)  # fmt: skip
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_ + 1} of {args.rounds}", flush=True)
+        for ckpt in ckpts:
+            for method in methods:
+                job = {
+                    "model": args.model, "dtype": args.dtype, "device": device, "seqlen": args.seqlen,
+                    "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps, "rank": args.rank,
+                    "sparsity": args.sparsity, "method": method, "checkpointing": settings[ckpt],
+                    "threads": args.threads, "flush_denormals": False if args.no_flush_denormals else None,
+                    "keep_freed_memory": False if args.no_keep_freed_memory else None,
+                }  # fmt: skip
+                row = {**fresh.run_child(__file__, job, job["method"]), "round": round_}
+                rows.append(row)
+                print(f"  {method:12s} checkpointing {ckpt}: median {row['tokens_per_s_median']:.1f} tokens/s, "
+                      f"steps {[round(t, 3) for t in row['step_s_all']]}, load {row['loadavg_before'][0]:.2f} -> "
+                      f"{row['loadavg_after'][0]:.2f}", flush=True)  # fmt: skip
     first = rows[0]
     print(f"\ntorch threads {first['torch_threads']}, denormals flushed: {first['flush_denormals']}, freed memory "
           f"kept: {first['keep_freed_memory']}, peak memory: {first['peak_how']}; load average at the end "
