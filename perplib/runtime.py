@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -117,9 +118,13 @@ def set_keep_freed_memory(enabled: bool = True) -> bool:
         return False
     if enabled or _state["keep_freed_memory"]:
         values = _KEPT if enabled else _GLIBC_INITIAL
-        failed = [param for param, value in values.items() if libc.mallopt(param, value) != 1]
-        if failed:
-            raise RuntimeError(f"glibc {libc.gnu_get_libc_version().decode()} refused mallopt({failed[0]}, ...)")
+        refused = [(param, value) for param, value in values.items() if libc.mallopt(param, value) != 1]
+        if refused:  # e.g. a 32-bit glibc, whose largest mmap threshold is 512 KiB: a speed setting, not an error
+            warnings.warn(
+                f"glibc {libc.gnu_get_libc_version().decode()} refused mallopt{refused[0]}; freed memory is not kept",
+                stacklevel=2,
+            )
+            enabled = False
     _state["keep_freed_memory"] = enabled
     return enabled
 
