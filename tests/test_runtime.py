@@ -49,13 +49,14 @@ def test_kept_memory_comes_from_the_heap_and_stays_there():
     assert mapped >= 30 * 2**20  # glibc's own threshold: fresh pages from the kernel, given back on free
 
 
-def test_keeping_memory_is_off_where_glibc_is_not(restore, monkeypatch):  # monkeypatch undone first
+def test_keeping_memory_is_off_where_glibc_is_not(monkeypatch, restore):
     monkeypatch.setattr(runtime, "_glibc", lambda: None)
     assert runtime.set_keep_freed_memory(True) is False
     assert runtime.settings()["keep_freed_memory"] is False
+    monkeypatch.undo()  # before `restore` configures the real glibc again
 
 
-def test_a_refused_threshold_warns_and_is_recorded_as_off(restore, monkeypatch):
+def test_a_refused_threshold_warns_and_is_recorded_as_off(monkeypatch, restore):
     class Refusing:  # a glibc that refuses the thresholds (32-bit: at most 512 KiB)
         def mallopt(self, param, value):
             return 0
@@ -67,6 +68,7 @@ def test_a_refused_threshold_warns_and_is_recorded_as_off(restore, monkeypatch):
     with pytest.warns(UserWarning, match=r"glibc 2.36 refused mallopt\(-3, 33554432\); freed memory is not kept"):
         assert runtime.set_keep_freed_memory(True) is False
     assert runtime.settings()["keep_freed_memory"] is False
+    monkeypatch.undo()
 
 
 def _flushed(x: torch.Tensor) -> int:
