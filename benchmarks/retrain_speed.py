@@ -24,7 +24,7 @@ timed; the table gives the median and the fastest step. Peak memory: the process
 RSS at the start of training; ``torch.cuda.max_memory_allocated`` on a GPU. The load average is
 recorded before and after each measurement.
 
-A shared machine drifts by more than the differences measured (here: perp-plain alone at 170-215
+A shared machine drifts by more than the differences measured (here: perp-plain alone at 162-215
 tokens/s from one run to the next). ``--rounds N`` runs the whole list of methods N times, round
 after round, each method once per round: the table then gives per method the median over rounds of
 its median step (fastest step: the fastest of all; peak memory: the median), and each target
